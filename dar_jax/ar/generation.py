@@ -1,0 +1,214 @@
+"""Token generation with the AR model: prefill + KV cache, one jit-compiled ``lax`` loop.
+
+Classifier-free guidance runs conditional and null-class rows in one batch
+(logits = u + scale (c - u)), with a constant scale or a linear schedule "a,b" over the tokens as
+the reference does. Sampling: temperature, top-k, top-p, greedy. Optional prefix tokens are kept
+verbatim (zero-shot layout control). Randomness comes from one PRNG key per sample, folded with
+the token index, so a sample's tokens do not depend on its batch or device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dar_jax.ar.model import GPTConfig, bind
+
+
+class SamplingError(ValueError):
+    """Bad generation options or inputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CfgSchedule:
+    """Guidance scale: ``start`` at the first token, ``end`` at the last (linear in between)."""
+    start: float = 1.0
+    end: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.start > 1.0
+
+
+def parse_cfg_scale(value: float | str | Sequence[float] | CfgSchedule) -> CfgSchedule:
+    """``4.0`` | ``"4.0"`` | ``"a,b"`` | ``(a, b)`` -> :class:`CfgSchedule` (reference semantics:
+    a schedule starting at exactly 1.0 and rising starts at 1.001 so that guidance is on)."""
+    if isinstance(value, CfgSchedule):
+        return value
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        if not 1 <= len(parts) <= 2 or any(not p for p in parts):
+            raise SamplingError(f"malformed CFG scale {value!r}: expected a number or 'a,b'")
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            raise SamplingError(f"malformed CFG scale {value!r}: expected a number or 'a,b'") from None
+    elif isinstance(value, (int, float)):
+        nums = [float(value)]
+    else:
+        nums = [float(v) for v in value]
+        if not 1 <= len(nums) <= 2:
+            raise SamplingError(f"malformed CFG scale {value!r}")
+    start = nums[0]
+    end = nums[1] if len(nums) > 1 else start
+    if not all(np.isfinite([start, end])):
+        raise SamplingError(f"CFG scale must be finite, got {value!r}")
+    if max(start, end) > 1.0 and start == 1.0:
+        start += 1e-3
+    return CfgSchedule(start, end)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The options that change the compiled program."""
+    num_tokens: int
+    cfg_active: bool
+    top_k: int
+    use_top_p: bool
+    greedy: bool
+    cfg_interval: int
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
+    """Top-k then top-p (nucleus) filtering of (B, V) logits (-inf outside), as the reference."""
+    neg = jnp.asarray(-jnp.inf, logits.dtype)
+    if top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        kth = jax.lax.top_k(logits, k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1, stable=True)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove = cum > top_p
+        remove = jnp.concatenate([jnp.zeros_like(remove[..., :1]), remove[..., :-1]], axis=-1)
+        inv = jnp.argsort(order, axis=-1)
+        logits = jnp.where(jnp.take_along_axis(remove, inv, axis=-1), neg, logits)
+    return logits
+
+
+def _pick(logits, keys, step, temperature, top_p, st: _Static):
+    """Samples one token per row from (B, V) float32 logits."""
+    logits = logits / jnp.maximum(temperature, 1e-5)
+    logits = filter_logits(logits, st.top_k, top_p if st.use_top_p else None)
+    if st.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+    return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+
+
+def _generate(cfg: GPTConfig, st: _Static, params, labels, keys, scale_start, scale_end,
+              temperature, top_p, prefix, prefix_len):
+    if cfg.compute_dtype != jnp.float32 and jax.default_backend() != "cpu":
+        # Read each weight once per token in the compute dtype. (On CPU, XLA computes bf16 dots
+        # in float32 anyway and keeping float32 weights measured faster: BENCHMARKS.md.)
+        params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)
+    model = bind(cfg, params)
+    b = labels.shape[0]
+    n = st.num_tokens
+    rows = 2 * b if st.cfg_active else b
+
+    def guided(logits, step):
+        """(rows, V) -> (B, V) logits after CFG at token index ``step``."""
+        if not st.cfg_active:
+            return logits
+        cond, uncond = logits[:b], logits[b:]
+        frac = step.astype(jnp.float32) / max(n - 1, 1)
+        scale = scale_start + (scale_end - scale_start) * frac
+        mixed = uncond + (cond - uncond) * scale
+        if st.cfg_interval > -1:
+            mixed = jnp.where(step - 1 > st.cfg_interval, cond, mixed)
+        return mixed
+
+    def choose(logits, step):
+        tok = _pick(guided(logits[:, -1], step), keys, step, temperature, top_p, st)
+        return jnp.where(step < prefix_len, prefix[:, step], tok)
+
+    cond_labels = labels
+    if st.cfg_active:
+        cond_labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)])
+    cache = model.init_cache(rows)
+    logits, cache = model.decode(model.embed_labels(cond_labels)[:, None], 0, cache)
+    first = choose(logits, jnp.int32(0))
+    out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(first)
+
+    def body(step, carry):
+        out, cache = carry
+        prev = out[:, step - 1]
+        if st.cfg_active:
+            prev = jnp.concatenate([prev, prev])
+        logits, cache = model.decode(model.embed_tokens(prev)[:, None], step, cache)
+        return out.at[:, step].set(choose(logits, step)), cache
+
+    out, _ = jax.lax.fori_loop(1, n, body, (out, cache))
+    return out
+
+
+_generate_jit = jax.jit(_generate, static_argnums=(0, 1))
+
+
+def sample_keys(key: jax.Array, num: int, start: int = 0) -> jax.Array:
+    """Per-sample keys: ``fold_in(key, index)`` for indices start .. start+num-1."""
+    idx = jnp.arange(start, start + num, dtype=jnp.uint32)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+
+
+def generate(cfg: GPTConfig, params, labels, key: jax.Array, *,
+             cfg_scale: float | str | Sequence[float] | CfgSchedule = 1.0, cfg_interval: int = -1,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             prefix: jax.Array | None = None, prefix_len: int = 0,
+             num_tokens: int | None = None) -> jax.Array:
+    """Generates image tokens for class ``labels``.
+
+    Args:
+      labels: (B,) int class ids in [0, num_classes).
+      key: one PRNG key (per-sample keys are derived as ``fold_in(key, i)``) or (B,) keys,
+        one per sample (then a sample's tokens depend only on its own key).
+      cfg_scale: number, "a,b" linear schedule over tokens, or (a, b).
+      prefix: (B, >= prefix_len) tokens kept verbatim at positions < prefix_len.
+    Returns: (B, num_tokens) int32 tokens (num_tokens defaults to ``cfg.block_size``).
+    """
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.ndim != 1:
+        raise SamplingError(f"labels must be (B,), got shape {labels.shape}")
+    lab = np.asarray(labels)
+    if lab.size and (lab.min() < 0 or lab.max() >= cfg.num_classes):
+        raise SamplingError(f"class labels must lie in [0, {cfg.num_classes}); got {lab.tolist()}")
+    b = labels.shape[0]
+    n = cfg.block_size if num_tokens is None else int(num_tokens)
+    if not 1 <= n <= cfg.block_size:
+        raise SamplingError(f"num_tokens {n} outside [1, {cfg.block_size}]")
+    if top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0:
+        raise SamplingError(f"bad sampling options: top_k={top_k}, top_p={top_p}, temperature={temperature}")
+    sched = parse_cfg_scale(cfg_scale)
+    keys = jnp.asarray(key)
+    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        single = keys.ndim == 0
+    else:
+        single = keys.ndim == 1
+    if single:
+        keys = sample_keys(keys, b)
+    if keys.shape[0] != b:
+        raise SamplingError(f"got {keys.shape[0]} keys for {b} labels")
+    if prefix is None:
+        prefix = jnp.zeros((b, n), jnp.int32)
+        prefix_len = 0
+    else:
+        prefix = jnp.asarray(prefix, jnp.int32)
+        if prefix.ndim != 2 or prefix.shape[0] != b or prefix.shape[1] < prefix_len:
+            raise SamplingError(f"prefix must be (B={b}, >= prefix_len={prefix_len}); got {prefix.shape}")
+        if not 0 <= prefix_len <= n:
+            raise SamplingError(f"prefix_len {prefix_len} outside [0, {n}]")
+        pre = np.asarray(prefix[:, :prefix_len])
+        if pre.size and (pre.min() < 0 or pre.max() >= cfg.vocab_size):
+            raise SamplingError(f"prefix tokens must lie in [0, {cfg.vocab_size})")
+        prefix = jnp.pad(prefix[:, :n], ((0, 0), (0, max(0, n - prefix.shape[1]))))
+    st = _Static(num_tokens=n, cfg_active=sched.active, top_k=int(top_k),
+                 use_top_p=top_p < 1.0, greedy=bool(greedy), cfg_interval=int(cfg_interval))
+    return _generate_jit(cfg, st, params, labels, keys, jnp.float32(sched.start),
+                         jnp.float32(sched.end), jnp.float32(temperature), jnp.float32(top_p),
+                         prefix, jnp.int32(prefix_len))

@@ -1,0 +1,243 @@
+"""LlamaGen's class-conditional GPT (the autoregressive half of D-AR) as a Flax NNX module.
+
+Layout follows the reference so that its checkpoints map one to one: token embedding, class
+embedding with an extra null class (CFG), one class-token prefix, pre-RMSNorm blocks with fused
+qkv (no bias) + 1D RoPE over class + image positions, SwiGLU FFN, final RMSNorm, output head.
+The public API is functional (``dar_jax.ar.forward`` etc. over a params pytree); this module is
+the definition.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dar_jax.config import ConfigError
+from dar_jax.nn.attention import attention
+from dar_jax.nn import layers as L
+from dar_jax.nn.rope import apply_rope, rope_1d_table
+
+GPT_SIZES = {
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
+    "GPT-XXXL": dict(n_layer=48, n_head=40, dim=2560),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Sizes and options of the AR model (one class token, model type class-to-image)."""
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    vocab_size: int = 16384
+    block_size: int = 256
+    num_classes: int = 1000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    class_dropout_prob: float = 0.1
+    dtype: str = "float32"            # compute dtype; parameters are always float32
+    attention_impl: str = "auto"      # see dar_jax.nn.attention
+    remat: bool = False               # rematerialise blocks in training (saves memory)
+
+    def __post_init__(self):
+        if self.dim % self.n_head:
+            raise ConfigError(f"GPT dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"GPT dtype {self.dtype!r} not in {sorted(DTYPES)}")
+        for name in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"GPT {name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        return L.swiglu_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def gpt_config(model: str | None = None, **overrides: Any) -> GPTConfig:
+    """A named size (``GPT-B``/``GPT-L``/``GPT-XL``/...) with overrides, or a custom one."""
+    kwargs: dict[str, Any] = {}
+    if model:
+        if model not in GPT_SIZES:
+            raise ConfigError(f"unknown GPT size {model!r}; known: {sorted(GPT_SIZES)}")
+        kwargs.update(GPT_SIZES[model])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    from dar_jax.config import from_mapping
+    return from_mapping(GPTConfig, kwargs, where="gpt config")
+
+
+class Attention(nnx.Module):
+    """Fused-qkv causal self-attention with 1D RoPE and an explicit KV cache."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        h, d, std = cfg.n_head, cfg.head_dim, cfg.initializer_range
+        self.cfg = cfg
+        self.wqkv = L.param(L.normal(std)(rngs.params(), (cfg.dim, 3, h, d)),
+                            (L.EMBED, None, L.HEADS, L.HEAD_DIM))
+        self.wo = L.param(L.normal(std)(rngs.params(), (h, d, cfg.dim)),
+                          (L.HEADS, L.HEAD_DIM, L.EMBED))
+
+    def qkv(self, x, cos, sin):
+        """x: (B, L, D) -> q, k, v: (B, L, H, Dh), q and k rotated."""
+        dtype = self.cfg.compute_dtype
+        qkv = jnp.einsum("bld,dthk->blthk", x.astype(dtype), self.wqkv[...].astype(dtype))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, y):
+        dtype = self.cfg.compute_dtype
+        return jnp.einsum("blhk,hkd->bld", y, self.wo[...].astype(dtype))
+
+    def __call__(self, x, cos, sin):
+        """Full causal self-attention. x: (B, L, D)."""
+        q, k, v = self.qkv(x, cos, sin)
+        y = attention(q, k, v, mask="causal", implementation=self.cfg.attention_impl)
+        return self.out(y)
+
+    def decode(self, x, cos, sin, cache, pos):
+        """Attention of Lq new positions [pos, pos+Lq) against the cache.
+
+        x: (B, Lq, D); cache: (k, v) each (B, S, H, Dh); returns (B, Lq, D), new cache.
+        """
+        q, k, v = self.qkv(x, cos, sin)
+        ck, cv = cache
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0))
+        kv_len = jnp.full((x.shape[0],), pos + x.shape[1], jnp.int32)
+        y = attention(q, ck, cv, mask="decode", kv_len=kv_len,
+                               implementation=self.cfg.attention_impl)
+        return self.out(y), (ck, cv)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention_norm = L.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg, rngs=rngs)
+        self.ffn_norm = L.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = L.SwiGLU(cfg.dim, cfg.ffn_hidden, rngs=rngs, dtype=cfg.compute_dtype,
+                                     init_std=cfg.initializer_range)
+
+    def __call__(self, x, cos, sin, keys=(None, None)):
+        cfg = self.cfg
+        h = x + L.dropout(self.attention(self.attention_norm(x), cos, sin), cfg.resid_dropout_p, keys[0])
+        return h + L.dropout(self.feed_forward(self.ffn_norm(h)), cfg.ffn_dropout_p, keys[1])
+
+    def decode(self, x, cos, sin, cache, pos):
+        a, cache = self.attention.decode(self.attention_norm(x), cos, sin, cache, pos)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), cache
+
+
+class GPT(nnx.Module):
+    """Class-conditional GPT. See :class:`GPTConfig`."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        std = cfg.initializer_range
+        self.tok_embeddings = L.param(L.normal(std)(rngs.params(), (cfg.vocab_size, cfg.dim)),
+                                      (L.VOCAB, L.EMBED))
+        self.cls_embedding = L.param(L.normal(std)(rngs.params(), (cfg.num_classes + 1, cfg.dim)),
+                                     (L.CLASSES, L.EMBED))
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.norm = L.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = L.param(jnp.zeros((cfg.dim, cfg.vocab_size)), (L.EMBED, L.VOCAB))
+
+    # --- pieces -------------------------------------------------------------------------------
+    def rope(self):
+        return rope_1d_table(self.cfg.block_size + 1, self.cfg.head_dim, self.cfg.rope_base)
+
+    def embed_tokens(self, tokens):
+        return jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(self.cfg.compute_dtype)
+
+    def embed_labels(self, labels):
+        return jnp.take(self.cls_embedding[...], labels, axis=0).astype(self.cfg.compute_dtype)
+
+    def head(self, h):
+        """Final norm + output projection -> float32 logits."""
+        dtype = self.cfg.compute_dtype
+        h = self.norm(h)
+        return jnp.einsum("bld,dv->blv", h, self.output[...].astype(dtype)).astype(jnp.float32)
+
+    # --- training-style forward ----------------------------------------------------------------
+    def __call__(self, tokens, labels, *, dropout_key=None):
+        """Teacher-forced forward.
+
+        tokens: (B, T) int image tokens (inputs, i.e. targets[:, :-1]); labels: (B,) int.
+        Returns float32 logits (B, T + 1, V): position i predicts image token i.
+        With ``dropout_key`` the training regularisation is on: labels dropped to the null class
+        with ``class_dropout_prob``, token / residual / FFN dropout.
+        """
+        cfg = self.cfg
+        keys = L.KeySplitter(dropout_key)
+        if dropout_key is not None and cfg.class_dropout_prob > 0:
+            drop = jax.random.uniform(keys(), labels.shape) < cfg.class_dropout_prob
+            labels = jnp.where(drop, cfg.num_classes, labels)
+        x = jnp.concatenate([self.embed_labels(labels)[:, None], self.embed_tokens(tokens)], axis=1)
+        x = L.dropout(x, cfg.token_dropout_p, keys())
+        cos, sin = self.rope()
+        cos, sin = cos[: x.shape[1]], sin[: x.shape[1]]
+        for layer in self.layers:
+            block_keys = (keys(), keys())
+            if cfg.remat:
+                x = nnx.remat(lambda blk, x_, k_: blk(x_, cos, sin, k_))(layer, x, block_keys)
+            else:
+                x = layer(x, cos, sin, block_keys)
+        return self.head(x)
+
+    # --- KV-cache decoding -----------------------------------------------------------------------
+    def init_cache(self, batch: int, dtype=None):
+        """Zeroed KV cache: per layer (k, v), each (B, 1 + block_size, H, Dh)."""
+        cfg = self.cfg
+        shape = (batch, cfg.block_size + 1, cfg.n_head, cfg.head_dim)
+        dtype = dtype or cfg.compute_dtype
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer))
+
+    def decode(self, x, pos, cache):
+        """Runs embeddings x: (B, Lq, D) at positions [pos, pos+Lq) through the model with the cache.
+
+        Returns float32 logits (B, Lq, V) and the updated cache.
+        """
+        cos, sin = self.rope()
+        lq = x.shape[1]
+        cos = jax.lax.dynamic_slice_in_dim(jnp.asarray(cos), pos, lq)
+        sin = jax.lax.dynamic_slice_in_dim(jnp.asarray(sin), pos, lq)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.decode(x, cos, sin, layer_cache, pos)
+            new_cache.append(layer_cache)
+        return self.head(x), tuple(new_cache)
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef_and_abstract(cfg: GPTConfig):
+    """(graphdef, abstract State) of the model for ``cfg``, without allocating weights."""
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def bind(cfg: GPTConfig, params) -> GPT:
+    """The module for ``cfg`` holding ``params`` (a pure dict pytree); cheap inside jit."""
+    graphdef, _ = graphdef_and_abstract(cfg)
+    return nnx.merge(graphdef, params)

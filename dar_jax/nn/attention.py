@@ -1,0 +1,151 @@
+"""The one attention entry point of dar-jax.
+
+``attention(q, k, v, mask=...)`` covers every mask the models need:
+
+========================  ==========================================================
+``"none"``                full attention; also cross-attention (Lq != Lk)
+``"causal"``              query i sees keys j <= i (Lq == Lk)
+``"prefix_causal"``       query i sees keys j < prefix_len, and keys j <= i
+                          (tokenizer encoder: patches visible to all, causal queries)
+``"decode"``              KV-cache decoding: the Lq queries are the last Lq positions of
+                          a cache whose valid length is ``kv_len`` (B,); query i sees
+                          keys j <= kv_len - Lq + i
+========================  ==========================================================
+
+Implementations are chosen by name: ``"xla"`` (plain JAX, every backend), kernels registered by
+``dar_jax.kernels`` (``"pallas"``, ``"cudnn"``), or ``"auto"`` (the best for the backend, falling
+back to ``"xla"`` with one logged line where a kernel does not support a call).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+
+MaskKind = Literal["none", "causal", "prefix_causal", "decode"]
+MASK_KINDS = ("none", "causal", "prefix_causal", "decode")
+
+log = logging.getLogger(__name__)
+
+
+class AttentionError(ValueError):
+    """An attention call that cannot be served as asked."""
+
+
+def _check(q, k, v, mask, prefix_len, kv_len):
+    if mask not in MASK_KINDS:
+        raise AttentionError(f"unknown mask kind {mask!r}; expected one of {MASK_KINDS}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise AttentionError(f"q, k, v must be (B, L, H, D); got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise AttentionError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise AttentionError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
+    if q.shape[2] % k.shape[2]:
+        raise AttentionError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    if mask == "causal" and q.shape[1] != k.shape[1]:
+        raise AttentionError(f"causal mask needs Lq == Lk, got {q.shape[1]} and {k.shape[1]}")
+    if mask == "prefix_causal" and not 0 <= prefix_len <= k.shape[1]:
+        raise AttentionError(f"prefix_len {prefix_len} outside [0, {k.shape[1]}]")
+    if mask == "decode" and kv_len is None:
+        raise AttentionError("mask='decode' needs kv_len (valid cache length per row)")
+
+
+def mask_array(mask: MaskKind, lq: int, lk: int, *, prefix_len: int = 0,
+               kv_len: jax.Array | None = None) -> jax.Array | None:
+    """Boolean visibility (B or 1, 1, Lq, Lk) for a mask kind; None for full attention."""
+    if mask == "none":
+        return None
+    qi = jnp.arange(lq)[:, None]
+    kj = jnp.arange(lk)[None, :]
+    if mask == "causal":
+        m = kj <= qi
+    elif mask == "prefix_causal":
+        m = (kj < prefix_len) | (kj <= qi)
+    else:  # decode
+        kv_len = jnp.asarray(kv_len, jnp.int32).reshape(-1)
+        last = kv_len[:, None, None] - lq + qi[None]
+        return (kj[None] <= last)[:, None]
+    return m[None, None]
+
+
+def xla_attention(q, k, v, *, mask: MaskKind = "none", prefix_len: int = 0,
+                  kv_len: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """Plain-JAX attention: float32 logits and softmax, output in q.dtype. Shapes as attention()."""
+    b, lq, h, d = q.shape
+    hkv = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, lq, hkv, h // hkv, d)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    m = mask_array(mask, lq, k.shape[1], prefix_len=prefix_len, kv_len=kv_len)
+    if m is not None:
+        logits = jnp.where(m[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, lq, h, d).astype(q.dtype)
+
+
+# name -> (function, supports(q, k, v, mask, prefix_len, kv_len) -> str | None (reason if not))
+_IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
+    "xla": (xla_attention, lambda *a, **kw: None),
+}
+# backend -> implementation names to try in order under "auto"
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+_warned: set[tuple] = set()
+
+
+def register_implementation(name: str, fn: Callable, supports: Callable,
+                            auto_backends: tuple[str, ...] = ()) -> None:
+    """Adds a kernel behind the entry point (used by ``dar_jax.kernels``)."""
+    _IMPLEMENTATIONS[name] = (fn, supports)
+    for backend in auto_backends:
+        order = _AUTO_ORDER.get(backend, ())
+        if name not in order:
+            _AUTO_ORDER[backend] = (name,) + order
+
+
+def available_implementations() -> tuple[str, ...]:
+    return ("auto",) + tuple(_IMPLEMENTATIONS)
+
+
+def _load_kernels():
+    try:  # kernels register themselves on import; optional on backends without them
+        import dar_jax.kernels  # noqa: F401
+    except ImportError as e:  # pragma: no cover
+        log.debug("attention kernels unavailable: %s", e)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: MaskKind = "none",
+              prefix_len: int = 0, kv_len: jax.Array | None = None, scale: float | None = None,
+              implementation: str | None = "auto") -> jax.Array:
+    """Scaled dot-product attention.
+
+    q: (B, Lq, H, D); k, v: (B, Lk, Hkv, D) with H a multiple of Hkv; kv_len: (B,) int for
+    ``mask="decode"``. Returns (B, Lq, H, D) in q.dtype.
+    """
+    _check(q, k, v, mask, prefix_len, kv_len)
+    _load_kernels()
+    name = implementation or "auto"
+    kwargs = dict(mask=mask, prefix_len=prefix_len, kv_len=kv_len, scale=scale)
+    if name == "auto":
+        for cand in _AUTO_ORDER.get(jax.default_backend(), ()):
+            fn, supports = _IMPLEMENTATIONS[cand]
+            reason = supports(q, k, v, **kwargs)
+            if reason is None:
+                return fn(q, k, v, **kwargs)
+            key = (cand, mask, q.shape[1:], k.shape[1:], str(q.dtype))
+            if key not in _warned:
+                _warned.add(key)
+                log.info("attention: %s does not support this call (%s); using xla", cand, reason)
+        return xla_attention(q, k, v, **kwargs)
+    if name not in _IMPLEMENTATIONS:
+        raise AttentionError(
+            f"unknown attention implementation {name!r}; available: {available_implementations()}")
+    fn, supports = _IMPLEMENTATIONS[name]
+    reason = supports(q, k, v, **kwargs)
+    if reason is not None:
+        raise AttentionError(f"attention implementation {name!r} cannot serve this call: {reason}")
+    return fn(q, k, v, **kwargs)

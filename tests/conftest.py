@@ -1,0 +1,44 @@
+"""Shared test set-up: fixture locations, float32 'highest' matmuls, models loaded once."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REPO = TESTS.parent
+REFERENCE_DIR = pathlib.Path(os.environ.get("DAR_REFERENCE_FIXTURES",
+                                            TESTS / "fixtures" / "dar_reference" / "tiny"))
+OFFICIAL_SHAPES = TESTS / "fixtures" / "official_param_shapes.json"
+
+
+@pytest.fixture(scope="session")
+def ref_dir() -> pathlib.Path:
+    if not (REFERENCE_DIR / "config.json").exists():
+        pytest.fail(f"reference fixtures not found at {REFERENCE_DIR} (DAR_REFERENCE_FIXTURES)")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def ref_config(ref_dir) -> dict:
+    return json.loads((ref_dir / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def gpt_io(ref_dir):
+    return dict(np.load(ref_dir / "gpt_io.npz"))
+
+
+@pytest.fixture(scope="session")
+def ref_gpt(ref_dir, ref_config):
+    """(cfg, params) of the fixture GPT, converted from the reference .pt."""
+    from dar_jax import ar
+    from dar_jax.checkpoint import reference
+    cfg = ar.gpt_config(**ref_config["gpt"])
+    return cfg, reference.load_reference_gpt(ref_dir / "gpt.pt", cfg)
