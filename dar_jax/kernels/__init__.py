@@ -1,0 +1,1 @@
+"""Pallas attention kernels registered behind dar_jax.nn.attention."""

@@ -1,0 +1,1 @@
+"""dar_jax.data (see README: layout)."""

@@ -1,0 +1,1 @@
+"""dar_jax.evaluate (see README: layout)."""

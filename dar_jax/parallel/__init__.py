@@ -1,0 +1,1 @@
+"""dar_jax.parallel (see README: layout)."""

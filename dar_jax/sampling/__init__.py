@@ -1,0 +1,1 @@
+"""dar_jax.sampling (see README: layout)."""

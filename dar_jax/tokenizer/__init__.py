@@ -1,0 +1,1 @@
+"""dar_jax.tokenizer (see README: layout)."""

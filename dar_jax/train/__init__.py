@@ -1,0 +1,1 @@
+"""dar_jax.train (see README: layout)."""
