@@ -127,15 +127,15 @@ def swiglu_hidden(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | 
 
 
 class SwiGLU(nnx.Module):
-    """w2(silu(w1 x) * w3 x), no biases. x: (..., dim) -> (..., dim)."""
+    """w2(silu(w1 x) * w3 x), no biases unless ``use_bias`` (DINOv2 ViT-g). x: (..., dim) -> (..., dim)."""
 
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 init_std: float = 0.02):
-        self.w1 = linear(dim, hidden, (EMBED, MLP), rngs=rngs, use_bias=False, dtype=dtype,
+                 init_std: float = 0.02, use_bias: bool = False):
+        self.w1 = linear(dim, hidden, (EMBED, MLP), rngs=rngs, use_bias=use_bias, dtype=dtype,
                          kernel_init=normal(init_std))
-        self.w3 = linear(dim, hidden, (EMBED, MLP), rngs=rngs, use_bias=False, dtype=dtype,
+        self.w3 = linear(dim, hidden, (EMBED, MLP), rngs=rngs, use_bias=use_bias, dtype=dtype,
                          kernel_init=normal(init_std))
-        self.w2 = linear(hidden, dim, (MLP, EMBED), rngs=rngs, use_bias=False, dtype=dtype,
+        self.w2 = linear(hidden, dim, (MLP, EMBED), rngs=rngs, use_bias=use_bias, dtype=dtype,
                          kernel_init=normal(init_std))
 
     def __call__(self, x: jax.Array) -> jax.Array:
