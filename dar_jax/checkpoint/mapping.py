@@ -106,8 +106,12 @@ def convert(state_dict: Mapping[str, np.ndarray], key_map: KeyMap, abstract_para
     for key, (path, fn) in key_map.items():
         if path not in targets:
             raise CheckpointError(f"internal key map error: {path} is not a parameter")
-        arr = fn(np.asarray(state_dict[key]))
         want = _shape_of(targets[path])
+        try:
+            arr = fn(np.asarray(state_dict[key]))
+        except (ValueError, TypeError) as e:  # a reshape/transpose that cannot fit the model
+            wrong.append(f"{key}: file {tuple(np.shape(state_dict[key]))} cannot become model {want} ({e})")
+            continue
         if tuple(arr.shape) != want:
             wrong.append(f"{key}: file {tuple(np.shape(state_dict[key]))} -> {tuple(arr.shape)}, model {want}")
             continue
