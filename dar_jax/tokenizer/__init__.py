@@ -1,1 +1,225 @@
-"""dar_jax.tokenizer (see README: layout)."""
+"""The D-AR sequential diffusion tokenizer, functional API (images NHWC float32 in [-1, 1]).
+
+    cfg, params = tokenizer.load_reference_tokenizer("tokenizer_v1.pt")
+    codes = tokenizer.encode(cfg, params, images)                  # (B, 256) int32
+    cond = tokenizer.codes_to_cond(cfg, params, codes)             # (B, 256, 768)
+    images = tokenizer.decode(cfg, params, codes, jax.random.key(0), solver="adams2")
+
+Training pieces: :func:`encode_latents` (quantizer output with the straight-through estimator),
+:func:`quant_to_cond`, :func:`velocity` (one network evaluation, REPA features on request) and
+the flow-matching functions of :mod:`dar_jax.tokenizer.flow` / losses of
+:mod:`dar_jax.tokenizer.quantizer`. Streaming / group-by-group decoding: :mod:`dar_jax.sampling`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dar_jax.tokenizer import flow, quantizer
+from dar_jax.tokenizer.config import (DiffDecoderConfig, ImageSizeError, TokenizerConfig,
+                                      TokenizerInputError, tiny_config, tokenizer_config)
+from dar_jax.tokenizer.model import Tokenizer, bind, graphdef_and_abstract
+from dar_jax.tokenizer.quantizer import Quantized
+
+
+class ImageRangeError(TokenizerInputError):
+    """Image values outside [-1, 1] where checking was asked for."""
+
+
+class CodeRangeError(TokenizerInputError):
+    """Codes outside the codebook."""
+
+
+# ----------------------------------------------------------------------------------------------
+# parameters
+# ----------------------------------------------------------------------------------------------
+def init_params(cfg: TokenizerConfig, key: jax.Array):
+    """Freshly initialised parameters (pure dict pytree, float32)."""
+    model = Tokenizer(cfg, rngs=nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract_params(cfg: TokenizerConfig):
+    """ShapeDtypeStruct pytree of the parameters (nothing allocated)."""
+    _, state = graphdef_and_abstract(cfg)
+    return nnx.to_pure_dict(state)
+
+
+def logical_axes(cfg: TokenizerConfig):
+    """Pytree (like the params) of logical axis-name tuples for the sharding rules."""
+    _, state = graphdef_and_abstract(cfg)
+    return nnx.to_pure_dict(nnx.get_partition_spec(state))
+
+
+def num_params(cfg: TokenizerConfig) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg))))
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks (host side; shapes are checked also under jit, values only on concrete arrays)
+# ----------------------------------------------------------------------------------------------
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_images(cfg: TokenizerConfig, images, *, check_range: bool = False) -> None:
+    """images: (B, H, W, 3), H and W multiples of both patch sizes; values in [-1, 1] if asked."""
+    shape = tuple(np.shape(images))
+    if len(shape) != 4:
+        raise TokenizerInputError(f"images must be (B, H, W, 3) NHWC, got shape {shape}")
+    if shape[-1] != 3:
+        raise TokenizerInputError(f"images must have 3 channels (NHWC, RGB), got {shape[-1]} "
+                                  f"(shape {shape}; NCHW input must be transposed)")
+    cfg.check_image_size(shape[1], shape[2])
+    if check_range and _concrete(images):
+        arr = np.asarray(images)
+        lo, hi = float(arr.min()), float(arr.max())
+        if not np.isfinite([lo, hi]).all() or lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+            raise ImageRangeError(f"image values must lie in [-1, 1], got [{lo:.4g}, {hi:.4g}]")
+
+
+def check_codes(cfg: TokenizerConfig, codes) -> None:
+    """codes: (B, N') integers in [0, vq_codebook_size), N' <= num_all_queries."""
+    shape = tuple(np.shape(codes))
+    if len(shape) != 2:
+        raise TokenizerInputError(f"codes must be (B, N), got shape {shape}")
+    if shape[1] > cfg.num_all_queries:
+        raise TokenizerInputError(f"{shape[1]} codes per image, the tokenizer has "
+                                  f"{cfg.num_all_queries} queries")
+    if not jnp.issubdtype(jnp.asarray(codes).dtype if _concrete(codes) else codes.dtype, jnp.integer):
+        raise TokenizerInputError(f"codes must be integers, got {codes.dtype}")
+    if _concrete(codes) and np.size(codes):
+        arr = np.asarray(codes)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= cfg.vq_codebook_size:
+            raise CodeRangeError(f"codes must lie in [0, {cfg.vq_codebook_size}), got [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder and quantizer
+# ----------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _latents(cfg, params, images):
+    return bind(cfg, params).encode(images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(cfg, params, images):
+    model = bind(cfg, params)
+    return quantizer.quantize(model.encode(images), model.codebook[...]).codes
+
+
+def encode(cfg: TokenizerConfig, params, images, *, check_range: bool = False) -> jax.Array:
+    """images (B, H, W, 3) in [-1, 1] -> codes (B, num_all_queries) int32."""
+    check_images(cfg, images, check_range=check_range)
+    return _encode(cfg, params, jnp.asarray(images))
+
+
+def encode_latents(cfg: TokenizerConfig, params, images, *, check_range: bool = False) -> Quantized:
+    """Training-facing encode: Quantized(quant (straight-through), codes, z_norm, z_q), each
+    (B, N, vq_dim) except codes; differentiable w.r.t. params."""
+    check_images(cfg, images, check_range=check_range)
+    z = _latents(cfg, params, jnp.asarray(images))
+    return quantizer.quantize(z, params["codebook"])
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder layers
+# ----------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _quant_to_cond(cfg, params, quant):
+    return bind(cfg, params).decoder_layers_forward(quant)
+
+
+def quant_to_cond(cfg: TokenizerConfig, params, quant: jax.Array) -> jax.Array:
+    """Causal decoder layers: quant (B, N', vq_dim) -> cond (B, N', decoder_dim), N' <= N.
+    Causal, so cond[:, :k] depends only on quant[:, :k] (streaming, layout control)."""
+    if quant.ndim != 3 or quant.shape[-1] != cfg.vq_dim or quant.shape[1] > cfg.num_all_queries:
+        raise TokenizerInputError(f"quant must be (B, N <= {cfg.num_all_queries}, {cfg.vq_dim}), "
+                                  f"got {quant.shape}")
+    return _quant_to_cond(cfg, params, quant)
+
+
+def codes_to_quant(cfg: TokenizerConfig, params, codes, *, check: bool = True) -> jax.Array:
+    """Normalised code vectors (B, N', vq_dim) of codes (B, N')."""
+    if check:
+        check_codes(cfg, codes)
+    return quantizer.lookup(jnp.asarray(codes, jnp.int32), params["codebook"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _codes_to_cond(cfg, params, codes):
+    model = bind(cfg, params)
+    return model.decoder_layers_forward(quantizer.lookup(codes, model.codebook[...]))
+
+
+def codes_to_cond(cfg: TokenizerConfig, params, codes, *, check: bool = True) -> jax.Array:
+    """codes (B, N') int -> cond (B, N', decoder_dim) float32 (N' <= num_all_queries)."""
+    if check:
+        check_codes(cfg, codes)
+    return _codes_to_cond(cfg, params, jnp.asarray(codes, jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusion network
+# ----------------------------------------------------------------------------------------------
+def velocity(cfg: TokenizerConfig, params, x_t: jax.Array, t: jax.Array, cond_group: jax.Array, *,
+             return_repa: bool = False):
+    """One evaluation of the diffusion network (pure; jit it, or call inside a jitted step).
+
+    x_t: (B, H, W, 3) (flow space: data x std); t: (B,) shifted time in [0, 1];
+    cond_group: (B, Lc, decoder_dim) condition window. Returns v (B, H, W, 3) float32, and with
+    ``return_repa`` also the REPA projection (B, L', 768) of the hidden state entering block
+    ``repa_layer`` (pooled by rows // 16, at least 1; needs ``cfg.repa_projector``).
+    """
+    net = bind(cfg, params).diff
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
+    return net(x_t, t, net.prepare_cond(cond_group), return_repa=return_repa)
+
+
+def cond_kv(cfg: TokenizerConfig, params, cond: jax.Array):
+    """Per-block cross-attention keys/values of each cond token (what decode steps slice)."""
+    from dar_jax.sampling.decode import prepare
+    return prepare(cfg, params, cond)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode / reconstruct / checkpoints (implemented in dar_jax.sampling and dar_jax.checkpoint)
+# ----------------------------------------------------------------------------------------------
+def decode(cfg: TokenizerConfig, params, codes_or_cond, noise_or_key, solver: str = "adams2",
+           num_steps: int | None = None, preview_steps: int | None = None,
+           preview_groups: int | None = None, start_step: int | None = None,
+           start_image=None, size=None, check: bool = True) -> jax.Array:
+    """See :func:`dar_jax.sampling.decode` (images NHWC in data space, divided by data_std)."""
+    from dar_jax.sampling.decode import decode as _decode
+    return _decode(cfg, params, codes_or_cond, noise_or_key, solver=solver, num_steps=num_steps,
+                   preview_steps=preview_steps, preview_groups=preview_groups,
+                   start_step=start_step, start_image=start_image, size=size, check=check)
+
+
+def reconstruct(cfg: TokenizerConfig, params, images, noise_or_key, *, solver: str = "adams2",
+                num_steps: int | None = None, check_range: bool = False) -> jax.Array:
+    """encode then decode at the images' resolution (at least sampling_resolution)."""
+    codes = encode(cfg, params, images, check_range=check_range)
+    return decode(cfg, params, codes, noise_or_key, solver=solver, num_steps=num_steps,
+                  size=tuple(np.shape(images)[1:3]))
+
+
+def load_reference_tokenizer(path, *, keep_repa: bool = True):
+    """(TokenizerConfig, params) from a reference D-AR tokenizer ``.pt`` (config inside; the REPA
+    projector is kept when the file has it, unless ``keep_repa=False``)."""
+    from dar_jax.checkpoint.reference_tokenizer import load_reference_tokenizer as _load
+    return _load(path, keep_repa=keep_repa)
+
+
+__all__ = [
+    "TokenizerConfig", "DiffDecoderConfig", "tokenizer_config", "tiny_config", "Tokenizer", "bind",
+    "init_params", "abstract_params", "logical_axes", "num_params", "encode", "encode_latents",
+    "quant_to_cond", "codes_to_quant", "codes_to_cond", "velocity", "cond_kv", "decode",
+    "reconstruct", "load_reference_tokenizer", "check_images", "check_codes", "flow", "quantizer",
+    "Quantized", "TokenizerInputError", "ImageRangeError", "CodeRangeError", "ImageSizeError",
+]

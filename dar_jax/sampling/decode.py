@@ -1,0 +1,293 @@
+"""The sequential decode of D-AR: condition group i drives denoising step i.
+
+Schedule (the reference's): steps i = 0..S-1 at u_i = i / S plus the end point 1; step i uses the
+condition window of the **unshifted** u_i (``window_starts``), while the ODE and the time
+embedding use the shifted times t_i = shift(u_i) (``time_points``). A preview after k steps (the
+reference's ``clip_steps=k``) keeps the first k time points and lets step k-1 jump straight to
+t = 1, so it shares steps 0..k-2 and the network evaluation of step k-1 with the full decode.
+
+Everything runs in one compiled function per (config, solver, step count, shapes): the step
+loop is a ``lax`` loop whose bounds are traced, so previews after any k, the final image, a
+partial decode from a start step and group-by-group streaming (``run_steps`` with a growing
+``stop``) reuse the same program. Images are NHWC; the sampler state ``x`` lives in the
+data-times-std space of the flow, images returned to callers are divided by ``data_std``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dar_jax.sampling import solvers as S
+from dar_jax.tokenizer.config import TokenizerConfig
+from dar_jax.tokenizer.model import bind
+
+
+class DecodeError(ValueError):
+    """Decode arguments that cannot be served (shapes, step ranges, solver)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def time_points(num_steps: int, shift: float) -> np.ndarray:
+    """Shifted time points (S + 1,) float32: shift(i / S) for i < S, then 1.0 (float32 ops as the
+    reference: t / (t + s (1 - t)))."""
+    t = np.asarray([i / num_steps for i in range(num_steps)] + [1.0], np.float32)
+    one, s = np.float32(1.0), np.float32(shift)
+    out = t / (t + s * (one - t))
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _windows(num_steps: int, groups: int, queries: int, per_step: int) -> np.ndarray:
+    out = []
+    for i in range(num_steps):
+        g = math.floor((i / num_steps) * groups + 0.5) / groups
+        out.append(min(queries - per_step, int(g * queries)))
+    arr = np.asarray(out, np.int32)
+    arr.setflags(write=False)
+    return arr
+
+
+def window_starts(cfg: TokenizerConfig, num_steps: int | None = None) -> np.ndarray:
+    """First condition token of each step's window (S,) int32 (Python float maths as the reference)."""
+    return _windows(num_steps or cfg.num_denoising_steps, cfg.num_query_groups,
+                    cfg.num_all_queries, cfg.queries_per_step)
+
+
+def steps_ready(cfg: TokenizerConfig, num_tokens: int, num_steps: int | None = None) -> int:
+    """How many leading steps can run when the first ``num_tokens`` condition tokens are known."""
+    n = 0
+    for w in window_starts(cfg, num_steps):
+        if w + cfg.queries_per_step > num_tokens:
+            break
+        n += 1
+    return n
+
+
+def tokens_in_groups(cfg: TokenizerConfig, groups: int) -> int:
+    """Condition tokens covered by the first ``groups`` query groups."""
+    return min(cfg.num_all_queries, (groups * cfg.num_all_queries) // cfg.num_query_groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# the compiled step loop
+# ----------------------------------------------------------------------------------------------
+class DecodeState(NamedTuple):
+    """Sampler state between calls of :func:`run_steps`: x at time point ``step`` (flow space)."""
+    x: jax.Array              # (B, H, W, 3) float32
+    hist: S.History
+
+
+def init_state(cfg: TokenizerConfig, noise: jax.Array, *, num_steps: int | None = None,
+               start_step: int = 0, start_image: jax.Array | None = None) -> DecodeState:
+    """State before step ``start_step``: the noise, or for a partial decode
+    x = noise (1 - t_j) + start_image std t_j (t_j the shifted time point of step j)."""
+    noise = jnp.asarray(noise, jnp.float32)
+    x = noise
+    if start_image is not None:
+        t = time_points(num_steps or cfg.num_denoising_steps, cfg.time_shift)[start_step]
+        x = noise * (1.0 - t) + jnp.asarray(start_image, jnp.float32) * cfg.data_std * t
+    return DecodeState(x, S.init_history(x))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def prepare(cfg: TokenizerConfig, params, cond: jax.Array):
+    """Per-block cross-attention keys/values of every condition token (computed once per cond).
+    cond: (B, N', D) -> tuple over blocks of (k, v), each (B, N', heads, 64)."""
+    return bind(cfg, params).diff.prepare_cond(cond)
+
+
+def _slice_window(kv, start, length):
+    return tuple((jax.lax.dynamic_slice_in_dim(k, start, length, axis=1),
+                  jax.lax.dynamic_slice_in_dim(v, start, length, axis=1)) for k, v in kv)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "with_state"))
+def _run(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state):
+    net = bind(cfg, params).diff
+    times = jnp.asarray(time_points(num_steps, cfg.time_shift))
+    wins = jnp.asarray(window_starts(cfg, num_steps))
+    qps = cfg.queries_per_step
+    batch = x.shape[0]
+
+    def evaluator(i):
+        window = _slice_window(kv, wins[i], qps)
+        return lambda xx, t: net(xx, jnp.full((batch,), t, jnp.float32), window)
+
+    def body(i, carry):
+        xx, hh = carry
+        ev = evaluator(i)
+        t = times[i]
+        return S.step(solver, ev, xx, ev(xx, t), hh, t, times[i + 1])
+
+    x, hist = jax.lax.fori_loop(start, stop - 1, body, (x, hist))
+    last = stop - 1
+    ev = evaluator(last)
+    t = times[last]
+    v = ev(x, t)
+    preview, _ = S.step(solver, ev, x, v, hist, t, jnp.float32(1.0))
+    preview = preview / cfg.data_std
+    if with_state:
+        x, hist = S.step(solver, ev, x, v, hist, t, times[last + 1])
+        return DecodeState(x, hist), preview
+    return preview
+
+
+def _check_range(start, stop, num_steps):
+    if isinstance(start, jax.core.Tracer) or isinstance(stop, jax.core.Tracer):
+        return
+    start, stop = int(start), int(stop)
+    if not 0 <= start < stop <= num_steps:
+        raise DecodeError(f"steps [{start}, {stop}) are not a non-empty range inside "
+                          f"[0, {num_steps}]")
+
+
+def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop, *,
+              solver: str = "adams2", num_steps: int | None = None):
+    """Runs steps [start, stop) from ``state`` (at time point ``start``).
+
+    kv: :func:`prepare` of the condition (only the windows of these steps must be final).
+    Returns (state at time point ``stop``, preview (B, H, W, 3) in data space): the preview is
+    the reference's ``clip_steps=stop`` image, i.e. step stop-1 jumping to t = 1 (for
+    ``stop == num_steps`` it is the final image). ``start``/``stop`` may be Python or traced
+    ints: one compiled program serves every range.
+    """
+    num_steps = num_steps or cfg.num_denoising_steps
+    solver = S.canonical(solver)
+    _check_range(start, stop, num_steps)
+    return _run(params, kv, state.x, state.hist, jnp.int32(start), jnp.int32(stop), cfg=cfg,
+                solver=solver, num_steps=num_steps, with_state=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# output resizing (the reference's bicubic, torch semantics: A = -0.75, no antialiasing)
+# ----------------------------------------------------------------------------------------------
+def _cubic(x, a=-0.75):
+    x = np.abs(x)
+    return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+@functools.lru_cache(maxsize=None)
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    scale = n_in / n_out
+    m = np.zeros((n_out, n_in), np.float64)
+    for o in range(n_out):
+        src = (o + 0.5) * scale - 0.5
+        f = math.floor(src)
+        frac = src - f
+        for k in range(-1, 3):
+            m[o, min(max(f + k, 0), n_in - 1)] += _cubic(k - frac)
+    return m.astype(np.float32)
+
+
+def resize_bicubic(images: jax.Array, height: int, width: int) -> jax.Array:
+    """torch ``F.interpolate(mode='bicubic', align_corners=False)`` on NHWC images."""
+    mh = jnp.asarray(_resize_matrix(images.shape[1], height))
+    mw = jnp.asarray(_resize_matrix(images.shape[2], width))
+    return jnp.einsum("oh,bhwc,pw->bopc", mh, images, mw, precision=jax.lax.Precision.HIGHEST)
+
+
+def postprocess(cfg: TokenizerConfig, images: jax.Array) -> jax.Array:
+    """The reference's ``output_resolution`` resize (only when the image is larger)."""
+    r = cfg.output_resolution
+    if r and (images.shape[1] > r or images.shape[2] > r):
+        return resize_bicubic(images, r, r)
+    return images
+
+
+# ----------------------------------------------------------------------------------------------
+# the public decode
+# ----------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps"))
+def _decode(params, cond, x, start, stop, *, cfg, solver, num_steps):
+    kv = bind(cfg, params).diff.prepare_cond(cond)
+    out = _run(params, kv, x, S.init_history(x), start, stop, cfg=cfg, solver=solver,
+               num_steps=num_steps, with_state=False)
+    return postprocess(cfg, out)
+
+
+def resolution(cfg: TokenizerConfig, size: int | Sequence[int] | None = None) -> tuple[int, int]:
+    """Decode resolution: max(sampling_resolution, requested size) per side."""
+    if size is None:
+        h = w = cfg.sampling_resolution
+    elif isinstance(size, int):
+        h = w = size
+    else:
+        h, w = size
+    return max(cfg.sampling_resolution, int(h)), max(cfg.sampling_resolution, int(w))
+
+
+def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key: jax.Array, *,
+           solver: str = "adams2", num_steps: int | None = None,
+           preview_steps: int | None = None, preview_groups: int | None = None,
+           start_step: int | None = None, start_image: jax.Array | None = None,
+           size: int | Sequence[int] | None = None, check: bool = True) -> jax.Array:
+    """Codes (B, N) int or cond (B, N, D) float -> images (B, H, W, 3) in data space ([-1, 1]).
+
+    noise_or_key: initial noise x0 (B, H, W, 3), or a PRNG key (noise drawn at
+    :func:`resolution` ``(cfg, size)``). solver: euler | adams2 | heun | dpmpp_2m.
+    num_steps: default ``cfg.num_denoising_steps`` (more steps than groups are fine: each step
+    uses the window of its own time). preview_steps=k: keep the first k time points, then jump to
+    t = 1 (the reference's ``clip_steps``); preview_groups=g: the preview after the first g
+    token groups (the steps whose windows they cover). start_step=j with start_image: partial
+    decode from x = x0 (1 - t_j) + start_image std t_j.
+    """
+    from dar_jax import tokenizer as T  # late import: the package imports this module
+    num_steps = int(num_steps or cfg.num_denoising_steps)
+    if num_steps < 1:
+        raise DecodeError(f"num_steps must be >= 1, got {num_steps}")
+    solver = S.canonical(solver)
+    codes_or_cond = jnp.asarray(codes_or_cond)
+    if jnp.issubdtype(codes_or_cond.dtype, jnp.integer):
+        cond = T.codes_to_cond(cfg, params, codes_or_cond, check=check)
+    else:
+        cond = codes_or_cond
+        if cond.ndim != 3 or cond.shape[-1] != cfg.decoder_dim:
+            raise DecodeError(f"cond must be (B, N, {cfg.decoder_dim}), got {cond.shape}")
+    batch = cond.shape[0]
+    needed = int(window_starts(cfg, num_steps).max()) + cfg.queries_per_step
+    if cond.shape[1] < needed:
+        raise DecodeError(f"cond has {cond.shape[1]} tokens; {num_steps} steps need {needed}")
+    if isinstance(noise_or_key, jax.Array) and jnp.issubdtype(noise_or_key.dtype, jax.dtypes.prng_key):
+        h, w = resolution(cfg, size)
+        noise = jax.random.normal(noise_or_key, (batch, h, w, 3), jnp.float32)
+    else:
+        noise = jnp.asarray(noise_or_key, jnp.float32)
+        if noise.ndim != 4 or noise.shape[0] != batch or noise.shape[-1] != 3:
+            raise DecodeError(f"noise must be (B={batch}, H, W, 3), got {noise.shape}")
+    p = cfg.diff_decoder.patch_size
+    if noise.shape[1] % p or noise.shape[2] % p:
+        raise DecodeError(f"decode size {noise.shape[1]}x{noise.shape[2]} is not a multiple of the "
+                          f"decoder patch size {p}")
+    if preview_steps is not None and preview_groups is not None:
+        raise DecodeError("give preview_steps or preview_groups, not both")
+    stop = num_steps
+    if preview_groups is not None:
+        stop = steps_ready(cfg, tokens_in_groups(cfg, int(preview_groups)), num_steps)
+        if stop < 1:
+            raise DecodeError(f"no step can run after {preview_groups} group(s)")
+    elif preview_steps is not None:
+        stop = int(preview_steps)
+    start = 0
+    if start_step is not None or start_image is not None:
+        if start_step is None or start_image is None:
+            raise DecodeError("a partial decode needs both start_step and start_image")
+        start = int(start_step)
+        if not 0 <= start < num_steps:
+            raise DecodeError(f"start_step {start} outside [0, {num_steps})")
+        start_image = jnp.asarray(start_image, jnp.float32)
+        if start_image.shape != noise.shape:
+            raise DecodeError(f"start_image {start_image.shape} must match the noise {noise.shape}")
+    _check_range(start, stop, num_steps)
+    state = init_state(cfg, noise, num_steps=num_steps, start_step=start, start_image=start_image)
+    return _decode(params, cond, state.x, jnp.int32(start), jnp.int32(stop), cfg=cfg,
+                   solver=solver, num_steps=num_steps)

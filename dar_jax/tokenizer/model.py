@@ -1,0 +1,405 @@
+"""The D-AR sequential diffusion tokenizer as Flax NNX modules (definitions only).
+
+Layout follows the reference (showlab/D-AR ``VQModel``) so its checkpoints map one to one:
+
+* encoder: conv patchify (kernel = stride = ``encoder_patch_size``), non-affine LayerNorm,
+  learnable queries appended, gated pre-LN blocks with q/k LayerNorm and Flux 2D RoPE (queries
+  unrotated) under the mask "all patches visible, causal among queries", norm, 1x1 projection to
+  ``vq_dim``;
+* quantizer codebook (l2-normalised at use);
+* decoder layers: 1x1 projection back, learned position table, causal gated blocks, norm -> cond;
+* diffusion network: pixel patches (channel order (c, p1, p2)), SiT blocks whose per-token adaLN
+  modulation is driven by a cross-attention to the condition group, conv or DiT-style output.
+
+Images are NHWC. Patch kernels are stored as (p, p, 3, D) / (D, p, p, 3) so pixels never need a
+channel-first transpose. The public API is functional (``dar_jax.tokenizer``); see there.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dar_jax.nn import layers as L
+from dar_jax.nn.attention import attention
+from dar_jax.nn.rope import apply_rope, concat_tables, identity_table, rope_2d_table
+from dar_jax.tokenizer.config import (HEAD_DIM, LOW_RANK, QUERY_TABLE, REPA_HIDDEN, REPA_OUT,
+                                      ROPE_AXES, TokenizerConfig)
+
+PATCH, CODES = "patch", "codes"
+
+
+def torch_default(fan_in: int):
+    """torch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _uniform(bound: float):
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def norm(x: jax.Array) -> jax.Array:
+    """The reference's non-affine LayerNorm (eps 1e-6), statistics in float32."""
+    return L.layer_norm(x, 1e-6)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [cos | sin] of ``t`` (already x 1000). t: (B,) -> (B, dim) float32."""
+    half = dim // 2
+    freqs = np.exp((-math.log(max_period) * np.arange(half, dtype=np.float32)) / half).astype(np.float32)
+    args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------------
+class Attention(nnx.Module):
+    """Separate q/k/v Linear (bias), per-head LayerNorm on q and k, output projection."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype, impl: str):
+        self.heads = dim // HEAD_DIM
+        self.impl = impl
+        init = L.trunc_normal(0.02)
+        self.q = L.linear(dim, dim, (L.EMBED, L.HEADS), rngs=rngs, dtype=dtype, kernel_init=init)
+        self.k = L.linear(dim, dim, (L.EMBED, L.HEADS), rngs=rngs, dtype=dtype, kernel_init=init)
+        self.v = L.linear(dim, dim, (L.EMBED, L.HEADS), rngs=rngs, dtype=dtype, kernel_init=init)
+        self.q_norm = L.LayerNorm(HEAD_DIM, eps=1e-6)
+        self.k_norm = L.LayerNorm(HEAD_DIM, eps=1e-6)
+        self.proj = L.linear(dim, dim, (L.HEADS, L.EMBED), rngs=rngs, dtype=dtype, kernel_init=init)
+
+    def _heads(self, x):
+        return x.reshape(*x.shape[:-1], self.heads, HEAD_DIM)
+
+    def queries(self, x):
+        """x: (B, L, D) -> normalised queries (B, L, H, 64)."""
+        return self.q_norm(self._heads(self.q(x)))
+
+    def keys_values(self, x):
+        """x: (B, L, D) -> normalised keys and values, each (B, L, H, 64)."""
+        return self.k_norm(self._heads(self.k(x))), self._heads(self.v(x))
+
+    def output(self, y):
+        """y: (B, L, H, 64) -> (B, L, D)."""
+        return self.proj(y.reshape(*y.shape[:-2], -1))
+
+    def __call__(self, x, *, mask="none", prefix_len=0, rope=None):
+        """Self-attention; ``rope`` = (cos, sin) rotates queries and keys."""
+        q = self.queries(x)
+        k, v = self.keys_values(x)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = attention(q, k, v, mask=mask, prefix_len=prefix_len, implementation=self.impl)
+        return self.output(y)
+
+
+class TransformerBlock(nnx.Module):
+    """The encoder / decoder-layer block: pre-LN attention and MLP, residuals scaled by gates."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype, impl: str):
+        self.norm1 = L.LayerNorm(dim, eps=1e-6)
+        self.attention = Attention(dim, rngs=rngs, dtype=dtype, impl=impl)
+        self.norm2 = L.LayerNorm(dim, eps=1e-6)
+        self.mlp = L.Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
+        self.gate1 = L.param(jnp.zeros((dim,)), (L.EMBED,))
+        self.gate2 = L.param(jnp.zeros((dim,)), (L.EMBED,))
+
+    def __call__(self, x, *, mask, prefix_len=0, rope=None):
+        a = self.attention(self.norm1(x), mask=mask, prefix_len=prefix_len, rope=rope)
+        x = x + a * self.gate1[...].astype(a.dtype)
+        m = self.mlp(self.norm2(x))
+        return x + m * self.gate2[...].astype(m.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# diffusion network
+# --------------------------------------------------------------------------------------------
+class TimestepEmbedder(nnx.Module):
+    """t -> sinusoid(t * 1000, dim) -> Linear, SiLU, Linear."""
+
+    def __init__(self, dim: int, *, rngs, dtype):
+        self.dim = dim
+        self.mlp = L.Mlp(dim, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, t):
+        """t: (B,) float -> (B, dim)."""
+        return self.mlp(timestep_embedding(t * 1000.0, self.dim))
+
+
+class SiTBlock(nnx.Module):
+    def __init__(self, dim: int, share_time: bool, *, rngs, dtype, impl):
+        self.dim = dim
+        self.attention = Attention(dim, rngs=rngs, dtype=dtype, impl=impl)
+        self.cross_attn = Attention(dim, rngs=rngs, dtype=dtype, impl=impl)
+        self.mlp = L.Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
+        self.adaLN = L.linear(dim, 6 * dim, (L.EMBED, L.MLP), rngs=rngs, dtype=dtype,
+                              kernel_init=L.zeros)
+        self.time_embed = None if share_time else TimestepEmbedder(dim, rngs=rngs, dtype=dtype)
+        self.cond_embed = L.Mlp(dim, dim, rngs=rngs, dtype=dtype)
+        self.impl = impl
+
+    def cond_kv(self, c):
+        """Keys and values of the cross-attention for core-level cond c: (B, Lc, D)."""
+        c = norm(self.cond_embed(c))
+        return self.cross_attn.keys_values(c)
+
+    def __call__(self, x, temb, kv, rope):
+        """x: (B, L, D) residual stream; temb: (B, D); kv: cond_kv(...); rope: (cos, sin)."""
+        if self.time_embed is not None:
+            temb = self.time_embed(temb)
+        xn = norm(x)
+        q = apply_rope(self.cross_attn.queries(xn), *rope)
+        sc = self.cross_attn.output(attention(q, kv[0], kv[1], mask="none", implementation=self.impl))
+        mod = self.adaLN(jax.nn.silu(temb[:, None, :].astype(sc.dtype) + sc))
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+        a = self.attention(modulate(xn.astype(mod.dtype), shift_a, scale_a), rope=rope)
+        x = x + gate_a * a
+        m = self.mlp(modulate(norm(x).astype(mod.dtype), shift_m, scale_m))
+        return x + gate_m * m
+
+
+class FinalLayer(nnx.Module):
+    """DiT final layer: LayerNorm, adaLN shift/scale from the time embedding, Linear to patches."""
+
+    def __init__(self, dim: int, p: int, *, rngs, dtype):
+        self.adaLN = L.linear(dim, 2 * dim, (L.EMBED, L.MLP), rngs=rngs, dtype=dtype,
+                              kernel_init=L.zeros)
+        self.kernel = L.param(jnp.zeros((dim, p, p, 3)), (L.EMBED, None, None, None))
+        self.bias = L.param(jnp.zeros((p, p, 3)), (None, None, None))
+
+
+class DiffusionCore(nnx.Module):
+    """The pixel flow-matching transformer: v = net(x_t, t, cond group)."""
+
+    def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
+        dc = cfg.diff_decoder
+        d, p = dc.dim, dc.patch_size
+        dtype, impl = cfg.compute_dtype, cfg.attention_impl
+        self.cfg = cfg
+        self.time_embed = (TimestepEmbedder(d, rngs=rngs, dtype=dtype) if dc.share_time_encoding
+                           else None)
+        self.cond_mlp = L.linear(dc.cond_dim, d, (None, L.EMBED), rngs=rngs, dtype=dtype,
+                                 kernel_init=torch_default(dc.cond_dim),
+                                 bias_init=torch_default(dc.cond_dim))
+        fan = 3 * p * p
+        self.conv_in_kernel = L.param(torch_default(fan)(rngs.params(), (p, p, 3, d)),
+                                      (None, None, None, L.EMBED))
+        self.conv_in_bias = L.param(torch_default(fan)(rngs.params(), (d,)), (L.EMBED,))
+        self.blocks = nnx.List([SiTBlock(d, dc.share_time_encoding, rngs=rngs, dtype=dtype, impl=impl)
+                                for _ in range(dc.depth)])
+        if dc.mlp_head:
+            self.final = FinalLayer(d, p, rngs=rngs, dtype=dtype)
+            self.conv_out_kernel = self.conv_out_bias = None
+        else:
+            self.final = None
+            self.conv_out_kernel = L.param(jnp.zeros((d, p, p, 3)), (L.EMBED, None, None, None))
+            self.conv_out_bias = L.param(jnp.zeros((p, p, 3)), (None, None, None))
+        if cfg.repa_projector:
+            self.repa_out = nnx.List([
+                L.linear(d, REPA_HIDDEN, (L.EMBED, L.MLP), rngs=rngs, dtype=dtype,
+                         kernel_init=torch_default(d), bias_init=torch_default(d)),
+                L.linear(REPA_HIDDEN, REPA_HIDDEN, (L.MLP, None), rngs=rngs, dtype=dtype,
+                         kernel_init=torch_default(REPA_HIDDEN), bias_init=torch_default(REPA_HIDDEN)),
+                L.linear(REPA_HIDDEN, REPA_OUT, (L.MLP, L.EMBED), rngs=rngs, dtype=dtype,
+                         kernel_init=torch_default(REPA_HIDDEN), bias_init=torch_default(REPA_HIDDEN)),
+            ])
+        else:
+            self.repa_out = None
+
+    # --- pieces ---------------------------------------------------------------------------------
+    def rope(self, gh: int, gw: int):
+        dc = self.cfg.diff_decoder
+        return rope_2d_table(gh, gw, HEAD_DIM, dc.rope_base_len, ROPE_AXES)
+
+    def prepare_cond(self, cond):
+        """cond: (B, Lc, cond_dim) -> per block (k, v), each (B, Lc, H, 64).
+
+        Everything the network does to the condition is per token, so this runs once per
+        sequence of conditions and decode steps slice their window out of it.
+        """
+        c = norm(self.cond_mlp(cond))
+        return tuple(block.cond_kv(c) for block in self.blocks)
+
+    def time_embedding(self, t):
+        """t: (B,) shifted time -> what the blocks take: raw t or the shared embedding (B, D)."""
+        if self.time_embed is not None:
+            return self.time_embed(t)
+        return t
+
+    def patchify(self, x):
+        """x: (B, H, W, 3) -> tokens (B, gh * gw, D), grid (gh, gw)."""
+        p = self.cfg.diff_decoder.patch_size
+        b, h, w, _ = x.shape
+        gh, gw = h // p, w // p
+        dtype = self.cfg.compute_dtype
+        xp = x.astype(dtype).reshape(b, gh, p, gw, p, 3)
+        tok = jnp.einsum("bhpwqc,pqcd->bhwd", xp, self.conv_in_kernel[...].astype(dtype))
+        tok = tok + self.conv_in_bias[...].astype(dtype)
+        return tok.reshape(b, gh * gw, -1).astype(jnp.float32), (gh, gw)
+
+    def unpatchify(self, tok, temb, grid):
+        """Final norm + output layer. tok: (B, L, D) -> (B, H, W, 3) float32."""
+        gh, gw = grid
+        dtype = self.cfg.compute_dtype
+        h = norm(tok)
+        if self.final is not None:
+            shift, scale = jnp.split(self.final.adaLN(jax.nn.silu(temb)), 2, axis=-1)
+            h = modulate(norm(h).astype(shift.dtype), shift[:, None], scale[:, None])
+            kernel, bias = self.final.kernel, self.final.bias
+        else:
+            kernel, bias = self.conv_out_kernel, self.conv_out_bias
+        b = h.shape[0]
+        h = h.reshape(b, gh, gw, -1).astype(dtype)
+        out = jnp.einsum("bhwd,dpqc->bhpwqc", h, kernel[...].astype(dtype),
+                         preferred_element_type=jnp.float32)
+        out = out + bias[...][None, None, :, None]
+        p = out.shape[2]
+        return out.reshape(b, gh * p, gw * p, 3)
+
+    def repa_features(self, tok, grid):
+        """REPA projection of the hidden state tok: (B, L, D), average-pooled by rows // 16
+        (at least 1: the reference's stride is 0 below 16 rows). Returns (B, L', 768)."""
+        gh, gw = grid
+        s = max(1, gh // 16)
+        b, _, d = tok.shape
+        h = tok.reshape(b, gh, gw, d)[:, : (gh // s) * s, : (gw // s) * s]
+        h = h.reshape(b, gh // s, s, gw // s, s, d).mean(axis=(2, 4))
+        h = h.reshape(b, -1, d)
+        for i, lin in enumerate(self.repa_out):
+            h = lin(h)
+            if i < 2:
+                h = jax.nn.silu(h)
+        return h.astype(jnp.float32)
+
+    def __call__(self, x, t, kv, *, return_repa: bool = False):
+        """Velocity. x: (B, H, W, 3) x_t (data scaled by std); t: (B,) shifted time;
+        kv: prepare_cond(cond group). Returns v (B, H, W, 3) float32 [, REPA (B, L', 768)]."""
+        dc = self.cfg.diff_decoder
+        tok, grid = self.patchify(x)
+        rope = self.rope(*grid)
+        temb = self.time_embedding(t)
+        repa = None
+        for i, block in enumerate(self.blocks):
+            if return_repa and i == dc.repa_layer:
+                repa = self.repa_features(tok, grid)
+            tok = block(tok, temb, kv[i], rope)
+        v = self.unpatchify(tok, temb, grid)
+        if return_repa:
+            if self.repa_out is None:
+                raise ValueError("REPA features asked for, but the config has no REPA projector "
+                                 "(repa_projector=False)")
+            if repa is None:
+                raise ValueError(f"repa_layer {dc.repa_layer} is not below depth {dc.depth}")
+            return v, repa
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# the tokenizer
+# --------------------------------------------------------------------------------------------
+class Tokenizer(nnx.Module):
+    """Encoder, quantizer codebook, decoder layers and the diffusion network. See the module doc."""
+
+    def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        de, dd, pe = cfg.encoder_dim, cfg.decoder_dim, cfg.encoder_patch_size
+        dtype, impl = cfg.compute_dtype, cfg.attention_impl
+        fan = 3 * pe * pe
+        self.patchify_kernel = L.param(torch_default(fan)(rngs.params(), (pe, pe, 3, de)),
+                                       (None, None, None, L.EMBED))
+        self.patchify_bias = L.param(torch_default(fan)(rngs.params(), (de,)), (L.EMBED,))
+        if cfg.query_low_rank:
+            self.query_embedding = L.param(
+                jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (QUERY_TABLE, LOW_RANK)),
+                (L.QUERIES, None))
+            self.query_linear = L.linear(LOW_RANK, de, (None, L.EMBED), rngs=rngs, dtype=dtype,
+                                         kernel_init=torch_default(LOW_RANK),
+                                         bias_init=torch_default(LOW_RANK))
+        else:
+            self.query_embedding = L.param(
+                L.trunc_normal(0.02)(rngs.params(), (QUERY_TABLE, de)), (L.QUERIES, L.EMBED))
+            self.query_linear = None
+        self.encoder_layers = nnx.List([TransformerBlock(de, rngs=rngs, dtype=dtype, impl=impl)
+                                        for _ in range(cfg.num_encoder_layers)])
+        self.quant_in = L.param(torch_default(de)(rngs.params(), (de, cfg.vq_dim)), (L.EMBED, None))
+        n_e = cfg.vq_codebook_size
+        code = _uniform(1.0 / n_e)(rngs.params(), (n_e, cfg.vq_dim))
+        self.codebook = L.param(code / jnp.linalg.norm(code, axis=-1, keepdims=True), (L.VOCAB, None))
+        self.quant_out = L.param(torch_default(cfg.vq_dim)(rngs.params(), (cfg.vq_dim, dd)),
+                                 (None, L.EMBED))
+        self.decoder_embedding = L.param(L.trunc_normal(0.02)(rngs.params(), (QUERY_TABLE, dd)),
+                                         (L.QUERIES, L.EMBED))
+        self.decoder_layers = nnx.List([TransformerBlock(dd, rngs=rngs, dtype=dtype, impl=impl)
+                                        for _ in range(cfg.num_decoder_layers)])
+        self.diff = DiffusionCore(cfg, rngs=rngs)
+
+    # --- encoder ----------------------------------------------------------------------------------
+    def encoder_rope(self, gh: int, gw: int):
+        cfg = self.cfg
+        grid = rope_2d_table(gh, gw, HEAD_DIM, cfg.rope_base_len, ROPE_AXES)
+        return concat_tables(grid, identity_table(cfg.num_all_queries, HEAD_DIM))
+
+    def queries(self):
+        n = self.cfg.num_all_queries
+        q = self.query_embedding[...][:n]
+        if self.query_linear is not None:
+            q = self.query_linear(q)
+        return q.astype(jnp.float32)
+
+    def encode(self, images):
+        """images: (B, H, W, 3) in [-1, 1] -> pre-quantisation latents (B, N, vq_dim) float32."""
+        cfg = self.cfg
+        dtype = cfg.compute_dtype
+        p = cfg.encoder_patch_size
+        b, h, w, _ = images.shape
+        gh, gw = h // p, w // p
+        xp = images.astype(dtype).reshape(b, gh, p, gw, p, 3)
+        tok = jnp.einsum("bhpwqc,pqcd->bhwd", xp, self.patchify_kernel[...].astype(dtype),
+                         preferred_element_type=jnp.float32)
+        tok = tok.reshape(b, gh * gw, -1) + self.patchify_bias[...]
+        tok = norm(tok)
+        q = jnp.broadcast_to(self.queries()[None], (b,) + (cfg.num_all_queries, tok.shape[-1]))
+        x = jnp.concatenate([tok, q], axis=1)
+        rope = self.encoder_rope(gh, gw)
+        for layer in self.encoder_layers:
+            x = layer(x, mask="prefix_causal", prefix_len=gh * gw, rope=rope)
+        z = norm(x[:, -cfg.num_all_queries:])
+        return jnp.einsum("bnd,dk->bnk", z.astype(dtype), self.quant_in[...].astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    # --- decoder layers -----------------------------------------------------------------------------
+    def decoder_layers_forward(self, quant):
+        """quant: (B, N', vq_dim) (N' <= num_all_queries) -> cond (B, N', decoder_dim) float32."""
+        dtype = self.cfg.compute_dtype
+        n = quant.shape[1]
+        x = jnp.einsum("bnk,kd->bnd", quant.astype(dtype), self.quant_out[...].astype(dtype),
+                       preferred_element_type=jnp.float32)
+        x = x + self.decoder_embedding[...][:n]
+        for layer in self.decoder_layers:
+            x = layer(x, mask="causal")
+        return norm(x).astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef_and_abstract(cfg: TokenizerConfig):
+    """(graphdef, abstract State) of the tokenizer for ``cfg``, without allocating weights."""
+    model = nnx.eval_shape(lambda: Tokenizer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def bind(cfg: TokenizerConfig, params) -> Tokenizer:
+    """The module for ``cfg`` holding ``params`` (pure dict pytree); cheap inside jit."""
+    graphdef, _ = graphdef_and_abstract(cfg)
+    return nnx.merge(graphdef, params)
