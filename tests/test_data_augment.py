@@ -80,6 +80,20 @@ def test_matches_reference(h, w, size):
     assert rng.calls == [(size, int(np.ceil(size / 0.8)) + 1), (h2 - size + 1,), (w2 - size + 1,)]
 
 
+@pytest.mark.parametrize("h,w,size", list(REFERENCE)[:2])
+def test_extraction_crops_match_reference(h, w, size):
+    """extract_codes_c2i.py: ten crops (--ten-crop) or the centre crop and its flip."""
+    img, ref = pattern(h, w), REFERENCE[(h, w, size)]
+    ten = augment.extract_crops(img, size, 10)
+    assert ten.shape == (10, size, size, 3) and [sha(c) for c in ten] == ref["ten"]
+    two = augment.extract_crops(img, size, 2)
+    assert sha(two[0]) == ref["eval"]
+    np.testing.assert_array_equal(two[1], two[0][:, ::-1])
+    assert augment.extract_crops(img, size, 1).shape == (1, size, size, 3)
+    with pytest.raises(ValueError, match="must be 10, 2 or 1"):
+        augment.extract_crops(img, size, 5)
+
+
 def test_ten_crop_layout():
     img = pattern(12, 14)
     assert np.array_equal(augment.ten_crop(img, 8, 0), img[:8, :8])

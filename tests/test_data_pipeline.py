@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from dar_jax.config import ConfigError
 from dar_jax.data import (DataError, Pipeline, collate, make_dataset, steps_for_epochs,
                           write_code_shards)
 
@@ -156,6 +157,26 @@ def test_make_dataset_synthetic_purposes():
     batches = list(ev.iterator())
     np.testing.assert_array_equal(batches[0]["label"], np.arange(8) % 10)
     assert ev.batch_spec(global_batch=True)["mask"] == ((8,), np.bool_)
+
+
+def test_make_dataset_extract():
+    cfg = {"kind": "synthetic", "image_size": 16, "num_train_examples": 10,
+           "extract_crops": 10}
+    pl = make_dataset(cfg, global_batch_size=4, seed=0, purpose="extract", process_index=1,
+                      process_count=2)  # rows 2, 3 of each global batch of 4
+    assert pl.fingerprint["split"] == "train" and pl.num_steps == 3
+    assert pl.batch_spec()["image"] == ((2, 10, 16, 16, 3), np.float32)
+    batches = list(pl.iterator())
+    assert batches[0]["image"].shape == (2, 10, 16, 16, 3)
+    np.testing.assert_array_equal(batches[0]["label"], [2, 3])  # source order
+    np.testing.assert_array_equal(batches[2]["mask"], [False, False])  # 10 examples, padded
+    flip = make_dataset({**cfg, "extract_crops": 2}, global_batch_size=4, seed=0,
+                        purpose="extract", process_index=0, process_count=1)
+    b = next(flip.iterator())["image"]
+    np.testing.assert_array_equal(b[:, 1], b[:, 0, :, ::-1])
+    with pytest.raises(ConfigError, match="extract_crops must be 10, 2 or 1"):
+        make_dataset({**cfg, "extract_crops": 3}, global_batch_size=4, seed=0,
+                     purpose="extract", process_index=0, process_count=1)
 
 
 def test_make_dataset_folder(tmp_path):

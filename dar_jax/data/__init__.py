@@ -26,7 +26,7 @@ from dar_jax.data.sources import DataError, ImageFolder, TfdsSource, decode_imag
 from dar_jax.data.synthetic import SyntheticShapes
 
 KINDS = ("synthetic", "folder", "tfds", "codes")
-PURPOSES = ("ar", "tokenizer", "eval")
+PURPOSES = ("ar", "tokenizer", "eval", "extract")
 
 __all__ = [
     "DataConfig", "make_dataset", "make_source", "Pipeline", "DataIterator", "DataError",
@@ -50,6 +50,8 @@ class DataConfig:
     train_split, eval_split: split names used when make_dataset gets no split.
     crop_ratio: AR centre crop to int(S * crop_ratio) before the ten crops (reference 1.1).
     min_crop_frac: tokenizer random crop: short side resized into [S, ceil(S / min_crop_frac)].
+    extract_crops: crops per image for code extraction (purpose "extract"): 10 (ten crops of the
+      int(S * crop_ratio) centre crop), 2 (centre crop and its flip) or 1.
     num_train_examples, num_eval_examples: synthetic set size of the "train" split and of the
       held-out "validation"/"test" splits (0 = 50_000 / 10_000).
     seed: synthetic drawing seed (the content; independent of make_dataset's shuffle seed).
@@ -68,6 +70,7 @@ class DataConfig:
     eval_split: str = "validation"
     crop_ratio: float = 1.1
     min_crop_frac: float = 0.8
+    extract_crops: int = 10
     num_train_examples: int = 0
     num_eval_examples: int = 0
     seed: int = 0
@@ -92,6 +95,8 @@ def data_config(data_cfg: Mapping[str, Any] | DataConfig) -> DataConfig:
         raise ConfigError(f"data.image_size must be >= 1, got {cfg.image_size}")
     if cfg.kind in ("folder", "codes") and not cfg.data_dir:
         raise ConfigError(f"data.kind={cfg.kind!r} needs data.data_dir")
+    if cfg.extract_crops not in (1, 2, 10):
+        raise ConfigError(f"data.extract_crops must be 10, 2 or 1, got {cfg.extract_crops}")
     if cfg.crop_ratio < 1.0 or not 0.0 < cfg.min_crop_frac <= 1.0:
         raise ConfigError(f"data.crop_ratio must be >= 1 and data.min_crop_frac in (0, 1], got "
                           f"{cfg.crop_ratio} and {cfg.min_crop_frac}")
@@ -130,9 +135,11 @@ def make_source(data_cfg: Mapping[str, Any] | DataConfig, split: str):
 
 
 class _ImageTransform:
-    def __init__(self, purpose: str, size: int, crop_ratio: float, min_crop_frac: float):
+    def __init__(self, purpose: str, size: int, crop_ratio: float, min_crop_frac: float,
+                 extract_crops: int):
         self.purpose, self.size = purpose, size
         self.crop_ratio, self.min_crop_frac = crop_ratio, min_crop_frac
+        self.extract_crops = extract_crops
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
         image = record["image"]
@@ -140,6 +147,8 @@ class _ImageTransform:
             image = augment.ar_train(image, self.size, rng, self.crop_ratio)
         elif self.purpose == "tokenizer":
             image = augment.tokenizer_train(image, self.size, rng, self.min_crop_frac)
+        elif self.purpose == "extract":
+            image = augment.extract_crops(image, self.size, self.extract_crops, self.crop_ratio)
         else:
             image = augment.eval_center(image, self.size)
         return {"image": image, "label": record["label"]}
@@ -164,17 +173,18 @@ def make_dataset(data_cfg: Mapping[str, Any] | DataConfig, *, global_batch_size:
       global_batch_size: examples per step over all processes.
       seed: shuffle / augmentation seed (>= 0).
       split: dataset split (default: ``train_split``, or ``eval_split`` for purpose "eval").
-      purpose: "ar" (AR augmentation, or code shards), "tokenizer" (random crop) or "eval"
-        (centre crop, source order, every example once per epoch, padded last batch + ``mask``).
+      purpose: "ar" (AR augmentation, or code shards), "tokenizer" (random crop), "eval"
+        (centre crop, source order, every example once per epoch, padded last batch + ``mask``)
+        or "extract" (as "eval", with ``extract_crops`` crops per image, for code extraction).
       process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
-      num_epochs: None = forever (default for "ar"/"tokenizer"; "eval" defaults to 1).
-      shuffle: default True except for "eval".
+      num_epochs: None = forever (default for "ar"/"tokenizer"; "eval"/"extract": 1).
+      shuffle: default True except for "eval"/"extract".
 
     Returns:
       a :class:`Pipeline`; ``pipeline.iterator(state=None)`` yields local batches
       ``{"image": (B, S, S, 3) float32 in [-1, 1], "label": (B,) int32}`` (kind "codes":
-      ``{"tokens": (B, T) int32, "label"}``; "eval" adds ``"mask": (B,) bool``), B = global batch /
-      process count.
+      ``{"tokens": (B, T) int32, "label"}``; "eval" adds ``"mask": (B,) bool``; "extract" gives
+      ``"image": (B, extract_crops, S, S, 3)`` and ``mask``), B = global batch / process count.
     """
     cfg = data_config(data_cfg)
     if purpose not in PURPOSES:
@@ -185,15 +195,17 @@ def make_dataset(data_cfg: Mapping[str, Any] | DataConfig, *, global_batch_size:
         import jax
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    is_eval = purpose == "eval"
-    split = split or (cfg.eval_split if is_eval else cfg.train_split)
+    is_eval = purpose in ("eval", "extract")
+    split = split or (cfg.eval_split if purpose == "eval" else cfg.train_split)
     source = make_source(cfg, split)
     if cfg.kind == "codes":
         transform = _PickCrop()
         spec = {"tokens": ((source.seq_len,), np.int32), "label": ((), np.int32)}
     else:
-        transform = _ImageTransform(purpose, cfg.image_size, cfg.crop_ratio, cfg.min_crop_frac)
-        spec = {"image": ((cfg.image_size, cfg.image_size, 3), np.float32),
+        transform = _ImageTransform(purpose, cfg.image_size, cfg.crop_ratio, cfg.min_crop_frac,
+                                    cfg.extract_crops)
+        crops = (cfg.extract_crops,) if purpose == "extract" else ()
+        spec = {"image": ((*crops, cfg.image_size, cfg.image_size, 3), np.float32),
                 "label": ((), np.int32)}
     return Pipeline(
         source, transform, global_batch_size=global_batch_size, seed=seed,

@@ -7,6 +7,7 @@
   length in [ceil(size / max_crop_frac), ceil(size / min_crop_frac)], then a random size x size
   crop), no flip.
 - Evaluation (``eval_center``): ``center_crop_arr`` to exactly ``size``.
+- Code extraction (``extract_crops``): all ten crops, or the centre crop and its flip.
 
 Images are uint8 arrays ``(H, W, 3)`` in and out; :func:`to_float` maps a batch to float32 in
 [-1, 1] exactly as torchvision's ``ToTensor`` + ``Normalize(0.5, 0.5)`` (x / 255, then
@@ -92,6 +93,19 @@ def tokenizer_train(image, size: int, rng: np.random.Generator,
 def eval_center(image, size: int) -> np.ndarray:
     """Evaluation: ``center_crop_arr`` to exactly ``size``. -> (size, size, 3) uint8."""
     return center_crop_arr(image, size)
+
+
+def extract_crops(image, size: int, num_crops: int = 10, crop_ratio: float = 1.1) -> np.ndarray:
+    """The crops the reference's code extraction tokenizes per image -> (num_crops, S, S, 3):
+    10: all ten crops of ``center_crop_arr(int(size * crop_ratio))`` (``--ten-crop``);
+    2: ``center_crop_arr(size)`` and its horizontal flip; 1: ``center_crop_arr(size)``."""
+    if num_crops == 10:
+        big = center_crop_arr(image, int(size * crop_ratio))
+        return np.stack([ten_crop(big, size, k) for k in range(NUM_TEN_CROPS)])
+    if num_crops in (1, 2):
+        center = center_crop_arr(image, size)
+        return np.stack([center, center[:, ::-1]][:num_crops])
+    raise ValueError(f"extraction crops must be 10, 2 or 1, got {num_crops}")
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
