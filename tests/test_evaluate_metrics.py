@@ -175,7 +175,7 @@ def test_read_adm_reference_batch(tmp_path):
     np.testing.assert_array_equal(ref.mu, mu)                 # the file's whole-dataset statistics
     np.testing.assert_array_equal(ref.sigma, sigma)
     np.testing.assert_allclose(ref.activations, _fake_extract(images).pool3)   # from arr_0
-    assert ref.count is None and ref.meta["format"] == "adm"
+    assert ref.count is None and ref.meta["format"] == "adm" and ref.meta["stats_from"].startswith("file")
     # without mu/sigma (an ADM *sample* batch): statistics from the activations
     np.savez(path, arr_0=images)
     ref = Mt.read_reference(path, _fake_extract, batch_size=10)
@@ -199,6 +199,8 @@ def test_bad_reference_files(tmp_path):
         Mt.frechet_distance(Mt.compute_stats(np.ones((5, 4)) + np.eye(5, 4)), ref)
     with pytest.raises(Mt.FeatureSizeError, match="reference feature size 3"):
         Mt.evaluate_features(np.zeros((5, 2048)), None, ref)
+    with pytest.raises(Mt.FeatureSizeError, match="size 2048 vs reference feature size 3"):
+        Mt.evaluate_features(Mt.compute_stats(np.eye(5, 2048)), None, ref)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(Mt.ReferenceFileError, match="cannot read"):
         Mt.read_reference(tmp_path / "junk.npz")
@@ -234,4 +236,6 @@ def test_evaluate_features_result():
     assert out["num_samples"] == 40 and abs(out["fid"]) < 1e-6
     assert out["inception_score"] == pytest.approx(1.0)
     assert (out["precision"], out["recall"]) == (1.0, 1.0)
-    json.dumps(out)                                           # plain floats, ready for the results file
+    json.dumps(out)                                           # plain numbers, ready for the results file
+    no_acts = Mt.evaluate_features(Mt.compute_stats(ref_acts), None, ref)
+    assert set(no_acts) == {"num_samples", "fid"}

@@ -145,3 +145,6 @@ def test_sample_features_from_shards(tmp_path):
     np.testing.assert_allclose(logits, ref.logits)
     np.testing.assert_allclose(stats.sigma, np.cov(ref.pool3.astype(np.float64), rowvar=False), atol=1e-12)
     assert stats.count == 7 and stats.meta["source"] == str(tmp_path)
+    ref_stats = Mt.compute_stats(ref.pool3[::-1].copy(), keep_activations=True)    # same set, reordered
+    out = Mt.evaluate_features(stats, logits, ref_stats, split_size=4)
+    assert abs(out["fid"]) < 1e-9 and (out["precision"], out["recall"]) == (1.0, 1.0)

@@ -7,7 +7,7 @@
     plan = ev.prepare_shards("samples/", ev.sample_labels(50_000, 1000), 1000, settings)
     ev.generate_samples(plan, generate_fn)            # resumable
     stats, logits = ev.sample_features(plan, extract)
-    results = ev.evaluate_features(stats.activations, logits, ref)   # fid, inception_score, precision, recall
+    results = ev.evaluate_features(stats, logits, ref)   # fid, inception_score, precision, recall
 """
 from dar_jax.evaluate.inception import (Features, ImageInputError, InceptionConfig, check_images,
                                         feature_extractor, local_mesh)

@@ -471,6 +471,7 @@ def feature_extractor(cfg: InceptionConfig, params, *, batch_size: int = 200,
             return Features(np.zeros((0, POOL3_DIM), np.float32), np.zeros((0, NUM_LOGITS), np.float32))
         return Features(np.concatenate(pools), np.concatenate(logits))
 
+    extract.config = cfg
     extract.mesh = mesh
     extract.batch_size = batch
     return extract

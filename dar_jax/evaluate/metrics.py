@@ -408,9 +408,13 @@ def read_reference(path: str | os.PathLike, extract: Callable | None = None, *,
             if "arr_0" in keys and extract is not None:
                 pools = [extract(b).pool3 for b in npz_batches(path, "arr_0", batch_size)]
                 acts = np.concatenate(pools) if pools else None
+                config = getattr(extract, "config", None)
+                meta["activations_from"] = "arr_0" + (f" ({config.protocol} protocol)" if config else "")
             if {"mu", "sigma"} <= keys:
+                meta["stats_from"] = "file mu/sigma (ADM evaluator's TF Inception)"
                 stats = ReferenceStats(npz["mu"], npz["sigma"], None, acts, meta)
             elif acts is not None:
+                meta["stats_from"] = "activations of arr_0"
                 stats = compute_stats(acts, keep_activations=True, meta=meta)
             elif "arr_0" in keys:
                 raise ReferenceFileError(f"{path} holds images (arr_0) but no mu/sigma: pass an "
@@ -427,19 +431,26 @@ def read_reference(path: str | os.PathLike, extract: Callable | None = None, *,
     return stats
 
 
-def evaluate_features(sample_pool3: np.ndarray, sample_logits: np.ndarray | None,
+def evaluate_features(samples: ReferenceStats | np.ndarray, sample_logits: np.ndarray | None,
                       ref: ReferenceStats, *, split_size: int = 5000, k: int = 3,
                       distance_dtype: str = "float32", block_size: int = 10000) -> dict:
-    """FID (and IS from logits, precision/recall when ``ref`` has activations) as a dict."""
-    sample_pool3 = np.asarray(sample_pool3)
-    if sample_pool3.ndim != 2 or sample_pool3.shape[1] != ref.dim:
-        raise FeatureSizeError(f"sample features {sample_pool3.shape} vs reference feature size {ref.dim}"
-                               f" ({ref.meta.get('source', 'reference')})")
-    out = {"num_samples": int(sample_pool3.shape[0]),
-           "fid": frechet_distance(compute_stats(sample_pool3), ref)}
+    """{"num_samples", "fid", "inception_score", "precision", "recall"} of samples vs ``ref``.
+
+    ``samples``: statistics (e.g. from ``protocol.sample_features``) or pool3 features (N, D).
+    IS needs ``sample_logits``; precision/recall need activations on both sides (else omitted).
+    """
+    where = ref.meta.get("source", "reference")
+    if not isinstance(samples, ReferenceStats):
+        feats = np.asarray(samples)
+        if feats.ndim != 2 or feats.shape[1] != ref.dim:
+            raise FeatureSizeError(f"sample features {feats.shape} vs reference feature size {ref.dim} ({where})")
+        samples = compute_stats(feats, keep_activations=True)
+    elif samples.dim != ref.dim:
+        raise FeatureSizeError(f"sample features of size {samples.dim} vs reference feature size {ref.dim} ({where})")
+    out = {"num_samples": samples.count, "fid": frechet_distance(samples, ref)}
     if sample_logits is not None:
         out["inception_score"] = inception_score(sample_logits, split_size)
-    if ref.activations is not None:
+    if ref.activations is not None and samples.activations is not None:
         out["precision"], out["recall"] = precision_recall(
-            ref.activations, sample_pool3, k, block_size, distance_dtype)
+            ref.activations, samples.activations, k, block_size, distance_dtype)
     return out
