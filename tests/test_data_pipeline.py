@@ -130,6 +130,8 @@ def test_bad_batching():
         pipe(n=5, g=6)
     with pytest.raises(DataError, match="is empty"):
         pipe(n=0)
+    with pytest.raises(DataError, match=r"seed must be in \[0, 2\*\*32\), got -1"):
+        Pipeline(Indexed(8), tag, global_batch_size=2, seed=-1, process_index=0, process_count=1)
 
 
 def test_collate():

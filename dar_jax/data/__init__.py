@@ -171,7 +171,7 @@ def make_dataset(data_cfg: Mapping[str, Any] | DataConfig, *, global_batch_size:
     Args:
       data_cfg: the ``data`` config (see :class:`DataConfig`).
       global_batch_size: examples per step over all processes.
-      seed: shuffle / augmentation seed (>= 0).
+      seed: shuffle / augmentation seed, in [0, 2**32).
       split: dataset split (default: ``train_split``, or ``eval_split`` for purpose "eval").
       purpose: "ar" (AR augmentation, or code shards), "tokenizer" (random crop), "eval"
         (centre crop, source order, every example once per epoch, padded last batch + ``mask``)

@@ -88,7 +88,7 @@ class Pipeline:
       source: random-access source (``len``, ``[i] -> dict``).
       transform: ``(record, rng) -> dict`` of per-example arrays (e.g. uint8 image, label).
       global_batch_size: G, examples per step over all processes.
-      seed: shuffle and augmentation seed (>= 0).
+      seed: shuffle and augmentation seed, in [0, 2**32).
       process_index, process_count: this process and the number of processes (P must divide G).
       shuffle: per-epoch shuffle (False: source order).
       drop_remainder: drop each epoch's last partial global batch (False: pad it, add ``mask``).
@@ -117,8 +117,8 @@ class Pipeline:
                             f"number of processes {process_count}")
         if not 0 <= process_index < process_count:
             raise DataError(f"process_index {process_index} not in [0, {process_count})")
-        if seed < 0:
-            raise DataError(f"data seed must be >= 0, got {seed}")
+        if not 0 <= seed < 2 ** 32:
+            raise DataError(f"data seed must be in [0, 2**32), got {seed}")
         if num_epochs is not None and num_epochs < 1:
             raise DataError(f"num_epochs must be >= 1 or None, got {num_epochs}")
         steps_per_epoch = n // global_batch_size if drop_remainder else -(-n // global_batch_size)
