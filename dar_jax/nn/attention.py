@@ -108,6 +108,7 @@ def register_implementation(name: str, fn: Callable, supports: Callable,
 
 
 def available_implementations() -> tuple[str, ...]:
+    _load_kernels()
     return ("auto",) + tuple(_IMPLEMENTATIONS)
 
 
