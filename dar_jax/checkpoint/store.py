@@ -57,8 +57,12 @@ def _register_builtin():
 
 
 def _checkpointer():
+    """An orbax checkpointer local to this process (model files are whole host arrays; in a
+    multi-host job the caller decides which process writes)."""
     import orbax.checkpoint as ocp
-    return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"dar_model_p{me}"))
 
 
 def save_params(directory: str, params) -> None:

@@ -1,1 +1,30 @@
-"""dar_jax.train (see README: layout)."""
+"""The trainer (one for every model), its tasks, optimizers, checkpoints and metrics."""
+from __future__ import annotations
+
+import logging
+
+from dar_jax.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def make_task(cfg):
+    if cfg.task == "ar":
+        from dar_jax.train.ar_task import ARTask
+        return ARTask(cfg)
+    if cfg.task == "tokenizer":
+        from dar_jax.train.tokenizer_task import TokenizerTask
+        return TokenizerTask(cfg)
+    raise ConfigError(f"unknown task {cfg.task!r}; expected 'ar' or 'tokenizer'")
+
+
+def run_from_config(cfg, workdir: str) -> dict:
+    """Initialises multi-host if configured, builds the task and runs the trainer."""
+    from dar_jax import parallel
+    from dar_jax.train.loop import Trainer
+    d = cfg.distributed
+    parallel.initialize(d.coordinator_address or None, d.num_processes or None,
+                        d.process_id if d.process_id >= 0 else None,
+                        cpu_collectives=d.cpu_collectives or None)
+    task = make_task(cfg)
+    return Trainer(cfg, task, workdir).run()

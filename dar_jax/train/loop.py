@@ -1,0 +1,329 @@
+"""The one trainer of dar-jax (AR model and tokenizer alike).
+
+MaxText-shaped: a mesh from the config, parameters / optimizer state / EMA sharded by logical
+axis rules, one pure train step compiled before the loop with explicit in/out shardings and the
+state donated, metrics fetched one step late (logging never blocks the device), asynchronous
+atomic orbax checkpoints holding the train state *and* the data iterator's state, automatic
+resume (onto any mesh), SIGTERM -> save and exit 0, and a stop naming the step on a non-finite
+loss (the last good checkpoint stays the latest).
+
+A *task* (``dar_jax.train.ar_task.ARTask``, ``dar_jax.train.tokenizer_task.TokenizerTask``)
+supplies the model-specific parts; see :class:`Task`.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dar_jax import parallel
+from dar_jax.checkpoint import store
+from dar_jax.config import ConfigError, as_plain
+from dar_jax.train.checkpointing import TrainCheckpoints
+from dar_jax.train.metrics import MetricsWriter
+from dar_jax.train.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: training stopped, the last good checkpoint is kept as the latest."""
+
+
+class Task:
+    """Model-specific parts of training. Subclasses implement the abstract methods."""
+    kind: str = ""            # model kind for the exported model directory ("gpt", "tokenizer")
+    model_cfg: Any = None     # frozen dataclass of the model
+
+    def init_params(self, key):
+        raise NotImplementedError
+
+    def abstract_params(self):
+        return jax.eval_shape(self.init_params, jax.random.key(0))
+
+    def logical_axes(self):
+        raise NotImplementedError
+
+    def loss(self, params, batch, key, consts, step):
+        """-> (scalar loss, {name: scalar metric})."""
+        raise NotImplementedError
+
+    def init_extra(self, key, params):
+        """Task state beside the params (e.g. a discriminator and its optimizer state)."""
+        return {}
+
+    def extra_shardings(self, abstract_extra, mesh, rules):
+        return jax.tree.map(lambda _: parallel.replicated(mesh), abstract_extra)
+
+    def consts(self):
+        """Frozen inputs of the step (e.g. a tokenizer's params); replicated."""
+        return {}
+
+    def make_data(self, *, split: str, process_index: int, process_count: int):
+        """Iterator of per-process batches (dicts of NumPy arrays) with get_state/set_state."""
+        raise NotImplementedError
+
+    def prepare_batch(self, batch: Mapping[str, np.ndarray]) -> dict:
+        return dict(batch)
+
+    def flops_per_example(self) -> float:
+        """Model FLOPs (forward + backward) per example, for MFU."""
+        return 0.0
+
+    def tokens_per_example(self) -> int:
+        return 1
+
+    def train_step(self, state, batch, consts, *, tx, ema_decay: float):
+        """Default step: gradients of ``loss``, optimizer update, optional EMA."""
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(
+            state["params"], batch, key, consts, step)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(state, params=params, opt_state=opt_state, step=step + 1)
+        if ema_decay > 0:
+            new["ema"] = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state["ema"], params)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return new, metrics
+
+    def evaluate(self, state, step: int, writer: MetricsWriter) -> dict:
+        """Optional periodic evaluation (runs on every process; writes from process 0)."""
+        return {}
+
+
+def _get(section, key, default):
+    return section[key] if key in section else default
+
+
+class Trainer:
+    """Builds everything from a run config and runs ``task`` for the configured steps."""
+
+    def __init__(self, cfg, task: Task, workdir: str, devices=None):
+        """``devices``: the devices of the mesh (default: all devices of all processes)."""
+        self.cfg, self.task, self.workdir = cfg, task, os.path.abspath(workdir)
+        self.is_main = jax.process_index() == 0
+        tr = cfg.train
+        self.global_batch = int(tr.global_batch_size)
+        self.total_steps = int(tr.steps)
+        if self.total_steps <= 0:
+            raise ConfigError("train.steps must be positive")
+        self.ema_decay = float(_get(tr, "ema_decay", 0.0))
+        self.mesh = parallel.make_mesh(dict(cfg.mesh), devices)
+        self.rules = parallel.normalize_rules(cfg.sharding_rules)
+        div = parallel.batch_divisor(self.mesh, self.rules)
+        if self.global_batch % div:
+            raise ConfigError(f"global batch {self.global_batch} is not divisible by the data axes "
+                              f"of the mesh ({div} shards: {dict(self.mesh.shape)})")
+        if self.global_batch % jax.process_count():
+            raise ConfigError(f"global batch {self.global_batch} is not divisible by the "
+                              f"{jax.process_count()} processes")
+        self.tx, self.schedule = make_optimizer(dict(cfg.optim), self.total_steps)
+        self._stop_requested = False
+
+    # --- state -------------------------------------------------------------------------------
+    def _init_state(self, key):
+        k_params, k_extra, k_rng = jax.random.split(key, 3)
+        params = self.task.init_params(k_params)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": self.tx.init(params), "rng": jax.random.key_data(k_rng),
+                 "extra": self.task.init_extra(k_extra, params)}
+        if self.ema_decay > 0:
+            state["ema"] = jax.tree.map(jnp.copy, params)
+        return state
+
+    def _state_shardings(self, abstract_state):
+        mesh, rules = self.mesh, self.rules
+        p_sh = parallel.tree_shardings(self.task.logical_axes(), abstract_state["params"], mesh, rules)
+        sh = {"step": parallel.replicated(mesh), "params": p_sh,
+              "opt_state": parallel.shardings_like_params(abstract_state["opt_state"], p_sh, mesh),
+              "rng": parallel.replicated(mesh),
+              "extra": self.task.extra_shardings(abstract_state["extra"], mesh, rules)}
+        if "ema" in abstract_state:
+            sh["ema"] = p_sh
+        return sh
+
+    # --- signals -----------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and exiting")
+        self._stop_requested = True
+
+    def _should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return True
+            except Exception:  # preemption service not available
+                pass
+            flags = multihost_utils.process_allgather(np.array(self._stop_requested))
+            return bool(np.any(flags))
+        return self._stop_requested
+
+    # --- run -------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, task = self.cfg, self.task
+        ck_cfg, lg_cfg = cfg.checkpoint, cfg.logging
+        seed = int(cfg.train.seed)
+        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        writer = MetricsWriter(self.workdir, tensorboard=bool(_get(lg_cfg, "tensorboard", True)),
+                               enabled=self.is_main)
+        ckpts = TrainCheckpoints(os.path.join(self.workdir, "checkpoints"),
+                                 keep=int(_get(ck_cfg, "keep", 3)),
+                                 keep_period=int(_get(ck_cfg, "keep_period", 0)) or None,
+                                 async_save=bool(_get(ck_cfg, "async_save", True)))
+        try:
+            return self._run(cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg)
+        finally:
+            ckpts.close()
+            writer.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+
+    def _run(self, cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg):
+        mesh = self.mesh
+        abstract_state = jax.eval_shape(self._init_state, jax.random.key(seed))
+        state_sh = self._state_shardings(abstract_state)
+        data = task.make_data(split="train", process_index=jax.process_index(),
+                              process_count=jax.process_count())
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, state_sh)
+        restored = ckpts.restore(target)
+        if restored is not None:
+            start, state, data_state, _ = restored
+            if data_state:
+                data.set_state(data_state)
+            log.info("resumed from step %d", start)
+        else:
+            start = 0
+            state = jax.jit(self._init_state, out_shardings=state_sh)(jax.random.key(seed))
+        consts = task.consts()
+        consts_sh = jax.tree.map(lambda _: parallel.replicated(mesh), consts)
+        consts = jax.device_put(consts, consts_sh)
+
+        first = task.prepare_batch(next(data))
+        batch_sh = parallel.batch_shardings(first, mesh, self.rules)
+        step_fn = functools.partial(task.train_step, tx=self.tx, ema_decay=self.ema_decay)
+        abstract_batch = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct((self.global_batch,) + np.shape(x)[1:], np.asarray(x).dtype, sharding=s),
+            first, batch_sh)
+        t0 = time.perf_counter()
+        compiled = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
+                           out_shardings=(state_sh, parallel.replicated(mesh)),
+                           donate_argnums=(0,)).lower(target, abstract_batch, consts).compile()
+        log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+
+        meta = {"kind": task.kind, "model_config": _dataclass_dict(task.model_cfg),
+                "run_config": as_plain(cfg)}
+        log_every = int(_get(lg_cfg, "every_steps", 50))
+        ckpt_every = int(_get(ck_cfg, "every_steps", 1000))
+        eval_every = int(_get(cfg.train, "eval_every_steps", 0)) if "eval_every_steps" in cfg.train else 0
+        peak = float(_get(lg_cfg, "peak_tflops_per_device", 0.0)) * 1e12
+        flops_per_step = task.flops_per_example() * self.global_batch
+        tokens_per_step = task.tokens_per_example() * self.global_batch
+        kill_at = int(os.environ.get("DAR_DEBUG_KILL_AT_STEP", "0"))  # test hook: SIGKILL self
+
+        bar = _progress(self.total_steps, start) if self.is_main and _get(lg_cfg, "progress", True) else None
+        pending: tuple[int, Any] | None = None
+        window_start, window_steps = time.perf_counter(), 0
+        last_metrics: dict = {}
+        step = start
+        batch = first
+        while step < self.total_steps:
+            if self._should_stop(step):
+                self._flush(pending, writer, last_metrics)
+                ckpts.save(step, state, data.get_state(), meta, force=True)
+                ckpts.wait()
+                log.warning("saved step %d after SIGTERM; exiting", step)
+                return {"step": step, "start_step": start, "stopped": True, **last_metrics}
+            gbatch = parallel.global_batch(batch, mesh, self.rules)
+            state, metrics = compiled(state, gbatch, consts)
+            step += 1
+            window_steps += 1
+            # metrics of the previous step, fetched while this one runs
+            if pending is not None:
+                self._check_finite(*pending)
+                if pending[0] % log_every == 0:
+                    last_metrics = self._log(pending, writer, window_start, window_steps - 1,
+                                             flops_per_step, tokens_per_step, peak)
+                    window_start, window_steps = time.perf_counter(), 1
+            pending = (step, metrics)
+            if bar is not None:
+                bar.update(1)
+            if step % ckpt_every == 0 or step == self.total_steps:
+                self._check_finite(step, metrics)
+                ckpts.save(step, state, data.get_state(), meta)
+            if eval_every and step % eval_every == 0:
+                writer.write(step, task.evaluate(state, step, writer))
+            if kill_at and step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step < self.total_steps:
+                batch = task.prepare_batch(next(data))
+        last_metrics = self._flush(pending, writer, last_metrics, window_start, window_steps,
+                                   flops_per_step, tokens_per_step, peak)
+        ckpts.wait()
+        if bar is not None:
+            bar.close()
+        final = state.get("ema", state["params"]) if self.ema_decay > 0 else state["params"]
+        if self.is_main and task.kind:
+            store.save_model(os.path.join(self.workdir, "model"), task.kind, task.model_cfg,
+                             jax.device_get(final), extra={"step": step, "ema": self.ema_decay > 0})
+        return {"step": step, "start_step": start, "stopped": False, **last_metrics}
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _check_finite(self, step, metrics):
+        loss = float(np.asarray(metrics["loss"]))
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}: stopping; the last "
+                                   "good checkpoint stays the latest")
+
+    def _log(self, pending, writer, window_start, window_steps, flops_per_step, tokens_per_step, peak):
+        step, metrics = pending
+        values = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        if not math.isfinite(values["loss"]):
+            raise TrainingDiverged(f"non-finite loss ({values['loss']}) at step {step}: stopping; "
+                                   "the last good checkpoint stays the latest")
+        values["lr"] = float(self.schedule(step - 1))
+        elapsed = time.perf_counter() - window_start
+        if window_steps > 0 and elapsed > 0:
+            sps = window_steps / elapsed
+            values["steps_per_s"] = sps
+            values["tokens_per_s"] = sps * tokens_per_step
+            if flops_per_step:
+                values["tflops_per_s_per_device"] = sps * flops_per_step / jax.device_count() / 1e12
+                if peak:
+                    values["mfu"] = sps * flops_per_step / (jax.device_count() * peak)
+        writer.write(step, values)
+        log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        return values
+
+    def _flush(self, pending, writer, last, window_start=None, window_steps=0, flops=0.0, tokens=0, peak=0.0):
+        if pending is None:
+            return last
+        return self._log(pending, writer, window_start or time.perf_counter(), window_steps,
+                         flops, tokens, peak)
+
+
+def _dataclass_dict(obj):
+    import dataclasses
+    from dar_jax.config import to_dict
+    return to_dict(obj) if dataclasses.is_dataclass(obj) else None
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(total, start):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

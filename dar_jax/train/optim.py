@@ -1,0 +1,52 @@
+"""Optimizers and learning-rate schedules from the ``optim`` section of a run config."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import optax
+
+from dar_jax.config import ConfigError
+
+OPTIM_KEYS = ("name", "lr", "weight_decay", "b1", "b2", "eps", "grad_clip", "warmup_steps",
+              "schedule", "min_lr_ratio")
+
+
+def lr_schedule(optim: Mapping, total_steps: int) -> optax.Schedule:
+    """Linear warmup to ``lr`` then constant or cosine decay to ``lr * min_lr_ratio``."""
+    lr = float(optim["lr"])
+    warmup = int(optim.get("warmup_steps", 0))
+    kind = optim.get("schedule", "constant")
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1),
+                                            alpha=float(optim.get("min_lr_ratio", 0.0)))
+    else:
+        raise ConfigError(f"unknown lr schedule {kind!r}; expected 'constant' or 'cosine'")
+    if warmup <= 0:
+        return after
+    # torch-style warmup as the reference (lr * (step + 1) / warmup), then the main schedule
+    warm = lambda step: lr * jax.numpy.minimum(1.0, (step + 1) / warmup)
+    return optax.join_schedules([warm, after], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on matrices and embeddings (ndim >= 2), not on norms and biases (as LlamaGen)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim: Mapping, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    unknown = sorted(set(optim) - set(OPTIM_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown optim keys {unknown}; allowed: {list(OPTIM_KEYS)}")
+    if optim.get("name", "adamw") != "adamw":
+        raise ConfigError(f"unknown optimizer {optim.get('name')!r}; only 'adamw' is provided")
+    schedule = lr_schedule(optim, total_steps)
+    parts = []
+    if float(optim.get("grad_clip", 0.0)) > 0:
+        parts.append(optax.clip_by_global_norm(float(optim["grad_clip"])))
+    parts.append(optax.adamw(schedule, b1=float(optim.get("b1", 0.9)), b2=float(optim.get("b2", 0.999)),
+                             eps=float(optim.get("eps", 1e-8)),
+                             weight_decay=float(optim.get("weight_decay", 0.0)), mask=decay_mask))
+    return optax.chain(*parts), schedule

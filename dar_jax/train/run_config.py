@@ -1,0 +1,39 @@
+"""The shape of a run config (every section and key a run may set), shared by ``configs/*.py``.
+
+Config files start from :func:`base_config` and change values; because the returned ConfigDict
+is locked by the loader, a key outside this shape is an error naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from dar_jax.data import DataConfig
+
+from dar_jax.parallel.sharding import DEFAULT_RULES
+
+
+def base_config(task: str = "ar") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = task                       # "ar" | "tokenizer"
+    c.model = ml_collections.ConfigDict()  # the model's config (fields of GPTConfig / TokenizerConfig)
+    c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))  # keys: dar_jax.data.DataConfig
+    c.tokenizer = ml_collections.ConfigDict(dict(checkpoint=""))  # AR: tokenize images on the fly
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adamw", lr=1e-4, weight_decay=0.05, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
+        warmup_steps=0, schedule="constant", min_lr_ratio=0.0))
+    c.train = ml_collections.ConfigDict(dict(
+        global_batch_size=256, steps=1000, seed=0, ema_decay=0.0, eval_every_steps=0))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = [list(r) for r in DEFAULT_RULES]
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, keep_period=0, async_save=True))
+    c.logging = ml_collections.ConfigDict(dict(every_steps=50, tensorboard=True, progress=True,
+                                               peak_tflops_per_device=0.0))
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,
+                                                   process_id=-1, cpu_collectives=""))
+    return c
+
+
+def epochs_to_steps(epochs: float, num_examples: int, global_batch: int) -> int:
+    return max(1, int(round(epochs * num_examples / global_batch)))

@@ -1,0 +1,140 @@
+"""Runs a tiny AR training in its own process (fake devices, several processes) for the trainer
+tests, and prints a JSON line with the losses and a digest of the final parameters.
+
+    python tests/train_worker.py '{"workdir": ..., "mesh": {...}, "devices": 8, "steps": 5, ...}'
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+spec = json.loads(sys.argv[1])
+if spec.get("fake_devices"):
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['fake_devices']}"
+
+import jax  # noqa: E402
+
+if spec.get("num_processes", 1) > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=spec["coordinator"], num_processes=spec["num_processes"],
+                               process_id=spec["process_id"])
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+
+from dar_jax.train.ar_task import ARTask  # noqa: E402
+from dar_jax.train.loop import Trainer  # noqa: E402
+from dar_jax.train.metrics import read_jsonl  # noqa: E402
+from dar_jax.train.run_config import base_config  # noqa: E402
+
+
+class TokenBatches:
+    """Deterministic global batches of learnable token sequences; this process's rows only."""
+
+    def __init__(self, global_batch, block, vocab, classes, process_index, process_count):
+        self.i, self.gb, self.block, self.vocab, self.classes = 0, global_batch, block, vocab, classes
+        self.lo = process_index * global_batch // process_count
+        self.hi = (process_index + 1) * global_batch // process_count
+
+    def __next__(self):
+        rng = np.random.default_rng((1234, self.i))
+        self.i += 1
+        labels = rng.integers(0, self.classes, self.gb)
+        tokens = (labels[:, None] * 5 + np.arange(self.block)[None] * (labels[:, None] + 1)) % self.vocab
+        noise = rng.random(tokens.shape) < 0.1
+        tokens = np.where(noise, rng.integers(0, self.vocab, tokens.shape), tokens)
+        return {"tokens": tokens[self.lo:self.hi].astype(np.int32), "label": labels[self.lo:self.hi].astype(np.int32)}
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, state):
+        self.i = int(state["i"])
+
+
+class WorkerTask(ARTask):
+    def make_data(self, *, split, process_index, process_count):
+        m = self.model_cfg
+        return TokenBatches(int(self.cfg.train.global_batch_size), m.block_size, m.vocab_size,
+                            m.num_classes, process_index, process_count)
+
+
+def config(spec):
+    c = base_config("ar")
+    c.model.update(dict(size="", dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=32,
+                        num_classes=10, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+                        class_dropout_prob=0.0))
+    c.model.update(spec.get("model", {}))
+    c.train.update(dict(global_batch_size=spec.get("batch", 16), steps=spec.get("steps", 5), seed=0,
+                        ema_decay=spec.get("ema", 0.0)))
+    c.optim.update(dict(lr=spec.get("lr", 3e-3), warmup_steps=0))
+    c.mesh.update(spec.get("mesh", {"data": -1}))
+    c.checkpoint.update(dict(every_steps=spec.get("ckpt_every", 100), async_save=True))
+    c.logging.update(dict(every_steps=1, tensorboard=False, progress=False))
+    return c
+
+
+def params_digest(params) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda t: jax.tree_util.keystr(t[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def restore_latest(trainer):
+    from dar_jax.train.checkpointing import TrainCheckpoints
+    ck = TrainCheckpoints(os.path.join(trainer.workdir, "checkpoints"))
+    abstract = jax.eval_shape(trainer._init_state, jax.random.key(0))
+    sh = trainer._state_shardings(abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
+    step, state, _, _ = ck.restore(target)
+    ck.close()
+    return step, state
+
+
+def run_one(sub):
+    if sub.get("mode") == "expect_error":
+        try:
+            run_one({**sub, "mode": "train"})
+        except Exception as e:  # reported to the test, which checks the message
+            return {"error": type(e).__name__, "message": str(e)}
+        return {"error": None}
+    cfg = config(sub)
+    devices = jax.devices()[: sub["devices"]] if sub.get("devices") else None
+    trainer = Trainer(cfg, WorkerTask(cfg), sub["workdir"], devices=devices)
+    if sub.get("mode") == "restore":
+        step, state = restore_latest(trainer)
+        return {"step": step, "digest": params_digest(state["params"])}
+    out = {"result": trainer.run()}
+    if jax.process_index() == 0:
+        rows = read_jsonl(os.path.join(sub["workdir"], "metrics.jsonl"))
+        out["losses"] = [r["loss"] for r in rows]
+    if sub.get("report_shards"):
+        _, state = restore_latest(trainer)
+        out["digest"] = params_digest(state["params"])
+        out["shards"] = shard_fractions(state)
+    return out
+
+
+def main():
+    if "runs" in spec:  # several runs in this process (shares start-up and compilation caches)
+        out = [run_one({**spec, **sub}) for sub in spec["runs"]]
+    else:
+        out = run_one(spec)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def shard_fractions(state):
+    """Fraction of each large parameter held by one device."""
+    fracs = {}
+    for path, arr in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
+        if arr.size >= 4096:
+            fracs[jax.tree_util.keystr(path)] = arr.addressable_shards[0].data.size / arr.size
+    return fracs
+
+
+if __name__ == "__main__":
+    main()
