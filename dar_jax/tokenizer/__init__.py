@@ -37,10 +37,15 @@ class CodeRangeError(TokenizerInputError):
 # ----------------------------------------------------------------------------------------------
 # parameters
 # ----------------------------------------------------------------------------------------------
-def init_params(cfg: TokenizerConfig, key: jax.Array):
-    """Freshly initialised parameters (pure dict pytree, float32)."""
+@functools.partial(jax.jit, static_argnums=0)
+def _init(cfg, key):
     model = Tokenizer(cfg, rngs=nnx.Rngs(params=key))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def init_params(cfg: TokenizerConfig, key: jax.Array):
+    """Freshly initialised parameters (pure dict pytree, float32; one compiled program)."""
+    return _init(cfg, key)
 
 
 def abstract_params(cfg: TokenizerConfig):
@@ -183,7 +188,7 @@ def velocity(cfg: TokenizerConfig, params, x_t: jax.Array, t: jax.Array, cond_gr
 
 def cond_kv(cfg: TokenizerConfig, params, cond: jax.Array):
     """Per-block cross-attention keys/values of each cond token (what decode steps slice)."""
-    from dar_jax.sampling.decode import prepare
+    from dar_jax.sampling.sequential import prepare
     return prepare(cfg, params, cond)
 
 
@@ -195,7 +200,7 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond, noise_or_key, solver: st
            preview_groups: int | None = None, start_step: int | None = None,
            start_image=None, size=None, check: bool = True) -> jax.Array:
     """See :func:`dar_jax.sampling.decode` (images NHWC in data space, divided by data_std)."""
-    from dar_jax.sampling.decode import decode as _decode
+    from dar_jax.sampling.sequential import decode as _decode
     return _decode(cfg, params, codes_or_cond, noise_or_key, solver=solver, num_steps=num_steps,
                    preview_steps=preview_steps, preview_groups=preview_groups,
                    start_step=start_step, start_image=start_image, size=size, check=check)

@@ -27,7 +27,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class DiffDecoderConfig:
-    """``diff_decoder`` sub-config: the pixel flow-matching transformer."""
+    """``diff_decoder`` sub-config: the pixel flow-matching transformer (defaults: the reference's
+    for optional keys, e.g. data_std 1 and time_shift 1; tokenizer v1 sets 0.6 and 2)."""
     in_dim: int = 3
     out_dim: int = 3
     dim: int = 768
@@ -54,6 +55,9 @@ class DiffDecoderConfig:
         for name in ("dim", "cond_dim", "patch_size", "depth"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"diff_decoder.{name} must be positive, got {getattr(self, name)}")
+        if self.mlp_head and not self.share_time_encoding:
+            raise ConfigError("diff_decoder mlp_head: true needs share_time_encoding: true (the "
+                              "reference's final layer takes the shared time embedding)")
         if self.data_std <= 0 or self.time_shift <= 0:
             raise ConfigError("diff_decoder data_std and time_shift must be positive")
 
@@ -77,7 +81,8 @@ class TokenizerConfig:
     sampling_resolution: int = 256
     output_resolution: int = 0
     rope_base_len: float = 10000.0
-    diff_decoder: DiffDecoderConfig = dataclasses.field(default_factory=DiffDecoderConfig)
+    diff_decoder: DiffDecoderConfig = dataclasses.field(         # tokenizer v1's decoder
+        default_factory=lambda: DiffDecoderConfig(data_std=0.6, time_shift=2.0))
     # --- dar-jax only ---
     dtype: str = "float32"                  # compute dtype; parameters are always float32
     attention_impl: str = "auto"            # see dar_jax.nn.attention
