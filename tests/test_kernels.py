@@ -6,8 +6,8 @@ module is verified by MLIR; the Mosaic kernels are serialised). Shapes are tiny 
 tiles so that every test crosses several blocks and a ragged last block.
 
 Tolerances, as max |kernel - reference| / max |reference| with the reference in float32 on the
-same (rounded) inputs: float32 1e-5 (outputs and gradients); bfloat16 outputs 2e-2 and
-gradients 4e-2 (p and ds are rounded to bfloat16 before the second dots, as in XLA's bf16 path).
+same (rounded) inputs: float32 1e-5 (outputs and gradients); bfloat16 outputs 1e-2 and
+gradients 2e-2 (p and ds are rounded to bfloat16 before the second dots, as in XLA's bf16 path).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ A = importlib.import_module("dar_jax.nn.attention")  # the module (dar_jax.nn ex
 
 SMALL = K.FlashBlocks(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=16,
                       block_k_dq=16)
-TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 4e-2)}  # (output, gradients)
+TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (1e-2, 2e-2)}  # (output, gradients)
 
 
 def _inputs(b, lq, lk, h, hkv, d, dtype, seed=0):
@@ -108,10 +108,10 @@ def test_block_sizes_validated_and_defaults_fit_shapes():
 
 # ------------------------------------------------------------------ decode kernel
 DECODE_CASES = [  # (lq, s, h, hkv, kv_len per row, splits, dtype)
-    (1, 70, 4, 4, (1, 17, 48, 70), 3, jnp.float32),    # MHA, empty/partial/full splits
-    (1, 70, 8, 2, (5, 33, 64, 70), None, jnp.float32),  # GQA, heuristic splits
+    (1, 70, 4, 4, (1, 17, 48, 70), 3, jnp.float32),    # MHA (1 row: reduce path), empty splits
+    (1, 70, 8, 2, (5, 33, 64, 70), None, jnp.float32),  # GQA (rows padded to 16), auto splits
     (2, 70, 4, 1, (2, 40, 41, 70), 2, jnp.float32),    # MQA, two new positions
-    (1, 70, 16, 1, (3, 16, 50, 69), 4, jnp.bfloat16),  # 16 rows per kv head: dot path
+    (1, 70, 16, 1, (3, 16, 50, 69), 4, jnp.bfloat16),  # 16 rows per kv head
 ]
 
 

@@ -9,8 +9,9 @@ together, so each cache block is read once per kv head: for one (batch row, kv h
 The key length is split into ``num_splits`` chunks run by separate programs (grid
 (B, Hkv, splits)); each writes an unnormalised partial output with its running max and sum
 (base 2), and XLA combines the partials. Chunks past a row's kv_len exit at once, so the cost
-follows the valid length, not the cache size. Tiles of M < 16 rows (Triton dots need 16) use
-broadcast-multiply-reduce instead of dots: decoding is bound by reading the cache anyway.
+follows the valid length, not the cache size. Tiles of 1 < M < 16 rows (Triton dots need 16)
+pad to 16 rows (masked); a single row (MHA, one position) uses broadcast-multiply-reduce
+instead of a dot: decoding is bound by reading the cache anyway.
 
 Forward only; differentiating it falls back to the XLA reference's gradient.
 """
@@ -128,7 +129,9 @@ def _decode_forward(q, k, v, kv_len, scale: float, blocks: DecodeBlocks, interpr
     s_len, hkv = k.shape[1], k.shape[2]
     g = h // hkv
     rows = lq * g
-    mp = pl.next_power_of_2(rows)
+    # one row: broadcast-multiply-reduce; more: a tensor-core tile of >= 16 rows (padding rows
+    # are masked; a (rows, block_k, D) float32 product would spill registers)
+    mp = 1 if rows == 1 else max(MIN_BLOCK, pl.next_power_of_2(rows))
     bk = max(MIN_BLOCK, min(blocks.block_k, pl.next_power_of_2(s_len)))
     splits = blocks.num_splits or default_splits(b, hkv, s_len, bk)
     chunk = pl.cdiv(pl.cdiv(s_len, splits), bk) * bk
@@ -137,7 +140,7 @@ def _decode_forward(q, k, v, kv_len, scale: float, blocks: DecodeBlocks, interpr
     qr = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, d)
     kernel = functools.partial(
         _decode_kernel, lq=lq, groups=g, rows=rows, mp=mp, s_len=s_len, chunk=chunk, bk=bk,
-        scale_log2=scale * LOG2E, precision=_matmul_precision(q.dtype), use_dot=mp >= MIN_BLOCK)
+        scale_log2=scale * LOG2E, precision=_matmul_precision(q.dtype), use_dot=mp > 1)
     kv_spec = pl.BlockSpec((None, s_len, None, d), lambda b_, h_, s_: (b_, 0, h_, 0))
     acc, m, l = pl.pallas_call(
         kernel,

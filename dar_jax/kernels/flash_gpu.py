@@ -70,24 +70,30 @@ class FlashBlocks:
                 raise ValueError(f"FlashBlocks.{f.name}={v} must be >= 1")
 
 
-def default_blocks(lq: int, lk: int, head_dim: int) -> FlashBlocks:
-    """Tiles for the D-AR shapes (head dim 64: GPT-B/L/XL at 257 tokens, tokenizer v1 at 1024
-    tokens and 32-key cross-attention); head dim 128 halves the backward key tiles.
+def default_blocks(lq: int, lk: int, head_dim: int, dtype=jnp.bfloat16) -> FlashBlocks:
+    """Tiles for the D-AR shapes: head dim 64 for GPT-B/L/XL (257 tokens) and tokenizer v1 (1024
+    tokens, 32-key cross-attention); head dim 128 and float32 get smaller backward key tiles.
 
-    Long query sequences get 128-row forward tiles (fewer K/V re-reads); at ~257 tokens 64-row
-    tiles waste less on the ragged last block. Tuning needs a GPU: see benchmarks/attention.py.
+    Long query sequences get 128-row tiles (fewer K/V re-reads); at ~257 tokens 64-row tiles
+    waste less on the ragged last block. Warp counts are chosen so that no kernel spills
+    registers on sm_90 (checked by compiling the lowered Triton modules for an H100 with
+    ptxas, see BENCHMARKS.md); the speed of each choice still needs a GPU to tune.
     """
-    big = lq >= 512 and head_dim <= 64
+    big = lq >= 512
+    wide = head_dim > 64
+    f32 = jnp.dtype(dtype) == jnp.float32
+    block_q = 128 if big and not (wide and f32) else 64
+    block_k_dkv = 128 if not wide and not f32 and lk >= 512 else (32 if wide and f32 else 64)
     return FlashBlocks(
-        block_q=128 if big else 64,
+        block_q=block_q,
         block_k=64,
         block_q_dkv=32,
-        block_k_dkv=128 if head_dim <= 64 and lk >= 512 else 64,
-        block_q_dq=128 if big else 64,
+        block_k_dkv=block_k_dkv,
+        block_q_dq=128 if big and not wide else 64,
         block_k_dq=32,
-        num_warps=8 if head_dim > 64 and big else 4,
+        num_warps=8 if block_q == 128 or wide else 4,
         num_stages=3,
-        num_warps_bwd=8 if head_dim > 64 else 4,
+        num_warps_bwd=8 if block_k_dkv * head_dim >= 128 * 64 or f32 else 4,
         num_stages_bwd=2,
     )
 
@@ -466,7 +472,7 @@ def flash_attention(q, k, v, *, mask: str = "none", prefix_len: int = 0,
     st = _Static(
         mask=mask, prefix_len=int(prefix_len) if mask == "prefix_causal" else 0,
         scale=float(d ** -0.5 if scale is None else scale), lq=lq, lk=k.shape[1],
-        groups=h // k.shape[2], blocks=blocks or default_blocks(lq, k.shape[1], d),
+        groups=h // k.shape[2], blocks=blocks or default_blocks(lq, k.shape[1], d, q.dtype),
         precision=_matmul_precision(q.dtype), interpret=bool(interpret))
     if mask == "decode":
         kv_len = jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32).reshape(-1), (b,))
