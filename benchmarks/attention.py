@@ -1,7 +1,7 @@
 """Attention benchmark: every available implementation on the D-AR shapes.
 
     python benchmarks/attention.py                 # time the implementations of this backend
-    python benchmarks/attention.py --check         # + interpret-mode correctness (tiny shapes)
+    python benchmarks/attention.py --check         # + interpret-mode correctness (always on CPU)
     python benchmarks/attention.py --lower         # lower the GPU/TPU kernels without a device
     python benchmarks/attention.py --dump-ttir D   # write the Triton modules (real shapes) to D
     python benchmarks/attention.py --compile-ttir D   # (needs only `triton`) compile D for sm_90:
@@ -186,7 +186,8 @@ def check(args):
                 rel = lambda x, r: float(np.abs(np.asarray(x, np.float32) - np.asarray(r)).max()
                                          / np.abs(np.asarray(r)).max())
                 gerr = ", ".join(f"{rel(g, r):.1e}" for g, r in zip(grads, ref_g))
-                print(f"| {name} {lq_}x{lk_} | {kernel} | {jnp.dtype(dtype).name} | "
+                label = "decode (grads: xla)" if kernel == "decode" else kernel
+                print(f"| {name} {lq_}x{lk_} | {label} | {jnp.dtype(dtype).name} | "
                       f"{rel(out, ref):.1e} | {gerr} | {time.perf_counter() - t:.1f} |", flush=True)
 
 
@@ -249,7 +250,8 @@ def lower(args, dump_dir: str | None = None):
                 lowering_platforms=("cuda",))
         for name, rows, h, hkv in [("decode gpt-xl", 64, 20, 20), ("decode gqa", 64, 16, 2)]:
             blocks = K.DecodeBlocks()
-            names.append(f"{name.replace(' ', '_')}__decode__w{blocks.num_warps}s{blocks.num_stages}")
+            tag = name.replace(" ", "_")
+            names.append(f"{tag}__decode__w{blocks.num_warps}s{blocks.num_stages}")
             q = jax.ShapeDtypeStruct((rows, 1, h, 64), jnp.bfloat16)
             k = jax.ShapeDtypeStruct((rows, 257, hkv, 64), jnp.bfloat16)
             n = jax.ShapeDtypeStruct((rows,), jnp.int32)
@@ -322,7 +324,7 @@ def main():
         args.decode_rows, args.decode_heads = min(args.decode_rows, 8), min(args.decode_heads, 4)
     if not args.no_bench:
         bench(args)
-    if args.check:
+    if args.check or (cpu and not args.no_bench):  # on CPU the kernels can only be checked
         check(args)
     if args.lower or args.dump_ttir:
         lower(args, args.dump_ttir)

@@ -332,12 +332,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(out, xla_attention(q, k, v, mask="causal"), atol=1e-5)
         loss = lambda f: lambda q, k, v: (f(q, k, v) ** 2).sum()
         grads = jax.jit(jax.grad(loss(run), argnums=(0, 1, 2)))(q, k, v)
-        ref = jax.grad(loss(lambda *a: xla_attention(*a, mask="causal")), argnums=(0, 1, 2))(q, k, v)
+        ref_fn = lambda *a: xla_attention(*a, mask="causal")
+        ref = jax.grad(loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
         for g, r in zip(grads, ref):
             np.testing.assert_allclose(g, r, atol=1e-4)
     lens = jnp.array([3, 19, 7, 12], jnp.int32)
-    out = jax.jit(lambda q, k, v, n: sharded_attention(q, k, v, mesh, mask="decode", kv_len=n,
-                                                       implementation="pallas"))(q[:, :1], k, v, lens)
+    step = lambda q, k, v, n: sharded_attention(q, k, v, mesh, mask="decode", kv_len=n,
+                                                implementation="pallas")
+    out = jax.jit(step)(q[:, :1], k, v, lens)
     np.testing.assert_allclose(out, xla_attention(q[:, :1], k, v, mask="decode", kv_len=lens),
                                atol=1e-5)
     small = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)

@@ -262,7 +262,8 @@ def _split_refs(st: _Static, refs, n_in: int):
 
 # ---------------------------------------------------------------- forward
 def _fwd_kernel(*refs, st: _Static, bq: int, bk: int):
-    (q_ref, k_ref, v_ref), kvl_ref, (o_ref, lse_ref) = _split_refs(st, refs, 3 + (st.mask == "decode"))
+    n_in = 3 + (st.mask == "decode")
+    (q_ref, k_ref, v_ref), kvl_ref, (o_ref, lse_ref) = _split_refs(st, refs, n_in)
     row0 = pl.program_id(0) * bq
     rows = row0 + jnp.arange(bq)
     off = _row_offset(st, kvl_ref)
