@@ -30,7 +30,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from dar_jax.train.cli import guarded_main
+    from dar_jax.cli import guarded_main
 
     def run():
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)

@@ -42,3 +42,26 @@ def ref_gpt(ref_dir, ref_config):
     from dar_jax.checkpoint import reference
     cfg = ar.gpt_config(**ref_config["gpt"])
     return cfg, reference.load_reference_gpt(ref_dir / "gpt.pt", cfg)
+
+
+@pytest.fixture(scope="session")
+def ref_tokenizer(ref_dir):
+    """(cfg, params) of the fixture tokenizer, converted from the reference .pt."""
+    from dar_jax import tokenizer
+    return tokenizer.load_reference_tokenizer(ref_dir / "tokenizer.pt")
+
+
+@pytest.fixture(scope="session")
+def ref_models(ref_gpt, ref_tokenizer):
+    from dar_jax import pipeline
+    return pipeline.make_models(ref_gpt[0], ref_gpt[1], *ref_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, ref_gpt, ref_tokenizer):
+    """The fixture models saved as dar-jax model directories: (gpt_dir, tokenizer_dir)."""
+    from dar_jax.checkpoint import save_model
+    root = tmp_path_factory.mktemp("models")
+    save_model(root / "gpt", "gpt", *ref_gpt)
+    save_model(root / "tokenizer", "tokenizer", *ref_tokenizer)
+    return root / "gpt", root / "tokenizer"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from dar_jax.ar.generation import (CfgSchedule, SamplingError, filter_logits, generate,
+from dar_jax.ar.generation import (CfgSchedule, GenState, Generation, SamplingError, filter_logits, generate, prepare,
                                  parse_cfg_scale, sample_keys)
 from dar_jax.ar.model import GPT, GPT_SIZES, GPTConfig, bind, gpt_config, graphdef_and_abstract
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,40 +101,64 @@ def _pick(logits, keys, step, temperature, top_p, st: _Static):
     return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
 
 
-def _generate(cfg: GPTConfig, st: _Static, params, labels, keys, scale_start, scale_end,
-              temperature, top_p, prefix, prefix_len):
+class _Inputs(NamedTuple):
+    """Traced inputs of generation (changing them does not recompile)."""
+    labels: jax.Array        # (B,) int32
+    keys: jax.Array          # (B,) per-sample PRNG keys
+    scale_start: jax.Array   # () float32 CFG scale at the first token
+    scale_end: jax.Array     # () float32 CFG scale at the last token
+    temperature: jax.Array   # () float32
+    top_p: jax.Array         # () float32
+    prefix: jax.Array        # (B, n) int32 tokens kept where index < prefix_len
+    prefix_len: jax.Array    # () int32
+
+
+class GenState(NamedTuple):
+    """Generation in progress: tokens so far (B, n) and the KV cache."""
+    tokens: jax.Array
+    cache: tuple
+
+
+def _model(cfg: GPTConfig, params):
     if cfg.compute_dtype != jnp.float32 and jax.default_backend() != "cpu":
         # Read each weight once per token in the compute dtype. (On CPU, XLA computes bf16 dots
         # in float32 anyway and keeping float32 weights measured faster: BENCHMARKS.md.)
         params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)
-    model = bind(cfg, params)
-    b = labels.shape[0]
-    n = st.num_tokens
-    rows = 2 * b if st.cfg_active else b
+    return bind(cfg, params)
 
-    def guided(logits, step):
-        """(rows, V) -> (B, V) logits after CFG at token index ``step``."""
-        if not st.cfg_active:
-            return logits
+
+def _choose(cfg: GPTConfig, st: _Static, inp: _Inputs, logits, step):
+    """Token ``step`` for each sample from the (rows, V) logits of the rows' last position."""
+    b = inp.labels.shape[0]
+    logits = logits[:, -1]
+    if st.cfg_active:
         cond, uncond = logits[:b], logits[b:]
-        frac = step.astype(jnp.float32) / max(n - 1, 1)
-        scale = scale_start + (scale_end - scale_start) * frac
+        frac = step.astype(jnp.float32) / max(st.num_tokens - 1, 1)
+        scale = inp.scale_start + (inp.scale_end - inp.scale_start) * frac
         mixed = uncond + (cond - uncond) * scale
         if st.cfg_interval > -1:
             mixed = jnp.where(step - 1 > st.cfg_interval, cond, mixed)
-        return mixed
+        logits = mixed
+    tok = _pick(logits, inp.keys, step, inp.temperature, inp.top_p, st)
+    return jnp.where(step < inp.prefix_len, inp.prefix[:, step], tok)
 
-    def choose(logits, step):
-        tok = _pick(guided(logits[:, -1], step), keys, step, temperature, top_p, st)
-        return jnp.where(step < prefix_len, prefix[:, step], tok)
 
-    cond_labels = labels
+def _prefill(cfg: GPTConfig, st: _Static, params, inp: _Inputs) -> GenState:
+    """Class token through the model, token 0 chosen."""
+    model = _model(cfg, params)
+    labels = inp.labels
     if st.cfg_active:
-        cond_labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)])
-    cache = model.init_cache(rows)
-    logits, cache = model.decode(model.embed_labels(cond_labels)[:, None], 0, cache)
-    first = choose(logits, jnp.int32(0))
-    out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(first)
+        labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)])
+    cache = model.init_cache(labels.shape[0])
+    logits, cache = model.decode(model.embed_labels(labels)[:, None], 0, cache)
+    first = _choose(cfg, st, inp, logits, jnp.int32(0))
+    tokens = jnp.zeros((inp.labels.shape[0], st.num_tokens), jnp.int32).at[:, 0].set(first)
+    return GenState(tokens, cache)
+
+
+def _advance(cfg: GPTConfig, st: _Static, params, inp: _Inputs, state: GenState, start, stop) -> GenState:
+    """Chooses tokens start .. stop-1 (start >= 1), one per step, in a ``lax`` loop."""
+    model = _model(cfg, params)
 
     def body(step, carry):
         out, cache = carry
@@ -142,13 +166,49 @@ def _generate(cfg: GPTConfig, st: _Static, params, labels, keys, scale_start, sc
         if st.cfg_active:
             prev = jnp.concatenate([prev, prev])
         logits, cache = model.decode(model.embed_tokens(prev)[:, None], step, cache)
-        return out.at[:, step].set(choose(logits, step)), cache
+        return out.at[:, step].set(_choose(cfg, st, inp, logits, step)), cache
 
-    out, _ = jax.lax.fori_loop(1, n, body, (out, cache))
-    return out
+    return GenState(*jax.lax.fori_loop(start, stop, body, tuple(state)))
+
+
+def _generate(cfg: GPTConfig, st: _Static, params, inp: _Inputs):
+    return _advance(cfg, st, params, inp, _prefill(cfg, st, params, inp), 1, st.num_tokens).tokens
 
 
 _generate_jit = jax.jit(_generate, static_argnums=(0, 1))
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1))
+_advance_jit = jax.jit(_advance, static_argnums=(0, 1), donate_argnums=(4,))
+
+
+@dataclasses.dataclass
+class Generation:
+    """Generation prepared for stepping (streaming): ``start()`` then ``advance(state, a, b)``.
+
+    Each piece is compiled once per shape and option set; ``advance`` takes its token range as
+    traced values, so advancing group by group never recompiles.
+    """
+    cfg: GPTConfig
+    params: object
+    static: _Static
+    inputs: _Inputs
+
+    @property
+    def num_tokens(self) -> int:
+        return self.static.num_tokens
+
+    def start(self) -> GenState:
+        return _prefill_jit(self.cfg, self.static, self.params, self.inputs)
+
+    def advance(self, state: GenState, start: int, stop: int) -> GenState:
+        """Tokens start .. stop-1 (1 <= start <= stop <= num_tokens)."""
+        if not 1 <= start <= stop <= self.num_tokens:
+            raise SamplingError(f"cannot advance tokens [{start}, {stop}) of {self.num_tokens}")
+        return _advance_jit(self.cfg, self.static, self.params, self.inputs, state,
+                            jnp.int32(start), jnp.int32(stop))
+
+    def run(self) -> jax.Array:
+        """All tokens in one compiled program (same values as start + advance)."""
+        return _generate_jit(self.cfg, self.static, self.params, self.inputs)
 
 
 def sample_keys(key: jax.Array, num: int, start: int = 0) -> jax.Array:
@@ -157,12 +217,12 @@ def sample_keys(key: jax.Array, num: int, start: int = 0) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
 
-def generate(cfg: GPTConfig, params, labels, key: jax.Array, *,
+def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
              cfg_scale: float | str | Sequence[float] | CfgSchedule = 1.0, cfg_interval: int = -1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
              prefix: jax.Array | None = None, prefix_len: int = 0,
              num_tokens: int | None = None) -> jax.Array:
-    """Generates image tokens for class ``labels``.
+    """Validates options and prepares generation for ``labels`` (see :func:`generate`).
 
     Args:
       labels: (B,) int class ids in [0, num_classes).
@@ -209,6 +269,21 @@ def generate(cfg: GPTConfig, params, labels, key: jax.Array, *,
         prefix = jnp.pad(prefix[:, :n], ((0, 0), (0, max(0, n - prefix.shape[1]))))
     st = _Static(num_tokens=n, cfg_active=sched.active, top_k=int(top_k),
                  use_top_p=top_p < 1.0, greedy=bool(greedy), cfg_interval=int(cfg_interval))
-    return _generate_jit(cfg, st, params, labels, keys, jnp.float32(sched.start),
-                         jnp.float32(sched.end), jnp.float32(temperature), jnp.float32(top_p),
-                         prefix, jnp.int32(prefix_len))
+    inp = _Inputs(labels, keys, jnp.float32(sched.start), jnp.float32(sched.end),
+                  jnp.float32(temperature), jnp.float32(top_p), prefix, jnp.int32(prefix_len))
+    return Generation(cfg, params, st, inp)
+
+
+def generate(cfg: GPTConfig, params, labels, key: jax.Array, **options) -> jax.Array:
+    """Generates image tokens for class ``labels`` (one compiled program for all tokens).
+
+    Args:
+      labels: (B,) int class ids in [0, num_classes).
+      key: one PRNG key (per-sample keys are derived as ``fold_in(key, i)``) or (B,) keys,
+        one per sample (then a sample's tokens depend only on its own key).
+      options: cfg_scale (number, "a,b" linear schedule over tokens, or (a, b)), cfg_interval,
+        temperature, top_k, top_p, greedy, prefix (B, >= prefix_len) tokens kept verbatim at
+        positions < prefix_len, prefix_len, num_tokens.
+    Returns: (B, num_tokens) int32 tokens (num_tokens defaults to ``cfg.block_size``).
+    """
+    return prepare(cfg, params, labels, key, **options).run()

@@ -43,6 +43,7 @@ class Task:
     """Model-specific parts of training. Subclasses implement the abstract methods."""
     kind: str = ""            # model kind for the exported model directory ("gpt", "tokenizer")
     model_cfg: Any = None     # frozen dataclass of the model
+    workdir: str | None = None  # set by the trainer (evaluation outputs go there)
 
     def init_params(self, key):
         raise NotImplementedError
@@ -191,6 +192,7 @@ class Trainer:
 
     def _run(self, cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg):
         mesh = self.mesh
+        task.workdir = self.workdir
         abstract_state = jax.eval_shape(self._init_state, jax.random.key(seed))
         state_sh = self._state_shardings(abstract_state)
         data = task.make_data(split="train", process_index=jax.process_index(),

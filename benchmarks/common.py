@@ -1,0 +1,99 @@
+"""Shared helpers of the benchmark scripts: timing, tables, memory bandwidth, and timing the
+PyTorch reference (../shared/bench/bench_reference.py) in the same run.
+
+The reference runs in its own environment (torch never enters the project):
+    --reference-python /tmp/venv_ref/bin/python --reference-dir /tmp/dar_ref
+(see ../shared/bench/README.md for the set-up).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import time
+
+import jax
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED_BENCH = REPO.parent / "shared" / "bench" / "bench_reference.py"
+
+
+def add_reference_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--reference-python", default=os.environ.get("DAR_REFERENCE_PYTHON", ""),
+                    help="python with torch for the PyTorch reference (empty: skip the baseline)")
+    ap.add_argument("--reference-dir", default=os.environ.get("DAR_REFERENCE_DIR", ""),
+                    help="checkout of showlab/D-AR")
+    ap.add_argument("--reference-script", default=str(SHARED_BENCH))
+
+
+def time_reference(args, job: str, batch: int, model: str | None = None, timeout: int = 3600) -> float | None:
+    """Seconds per call of the reference on ``job`` (None when not configured or failing)."""
+    if not args.reference_python or not args.reference_dir:
+        return None
+    cmd = [args.reference_python, args.reference_script, job, "--batch", str(batch)]
+    if model:
+        cmd += ["--model", model]
+    env = {**os.environ, "PYTHONPATH": args.reference_dir}
+    try:
+        res = subprocess.run(cmd, cwd=args.reference_dir, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"reference {job} timed out")
+        return None
+    lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+    if res.returncode != 0 or not lines:
+        print(f"reference {job} failed: {res.stderr[-500:]}")
+        return None
+    return float(json.loads(lines[-1])["seconds"])
+
+
+def timeit(fn, reps: int = 3, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def memory_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:
+    """Measured read bandwidth of the default device (sum over a large float32 array)."""
+    x = jax.device_put(np.ones(num_bytes // 4, np.float32))
+    f = jax.jit(lambda a: a.sum())
+    t = timeit(lambda: f(x).block_until_ready(), reps=5)
+    return num_bytes / t / 1e9
+
+
+def peak_host_memory_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"jax {jax.__version__} {dev.platform} ({dev.device_kind})")
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-|-".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print(" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,253 @@
+"""Class labels -> tokens -> images: what sample.py and notebooks call (no globals).
+
+    models = pipeline.load_models("ckpt/gpt", "ckpt/tokenizer")
+    keys = pipeline.sample_keys(seed=0, num=4)
+    result = pipeline.sample(models, labels=[1, 2, 3, 4], keys=keys,
+                             options=pipeline.SampleOptions(cfg_scale="1.2,8.0"))
+    for event in pipeline.stream(models, labels, keys, options):   # preview after each group
+        show(event.images)
+
+Every sample has its own PRNG key (``sample_keys``: fold_in(seed key, sample index)); its tokens
+come from ``fold_in(key, 0)`` and its decoder noise from ``fold_in(key, 1)``, so a sample does
+not depend on its batch, its device or the number of hosts. The non-streaming pipeline runs the
+very same compiled pieces, in the same order, as the streaming one, so their final images are
+equal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dar_jax import ar, sampling
+from dar_jax import tokenizer as tok
+from dar_jax.config import ConfigError
+
+
+class PipelineError(ValueError):
+    """Models or options that do not fit together (one line, for the CLI)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    gpt_cfg: ar.GPTConfig
+    gpt_params: object
+    tok_cfg: tok.TokenizerConfig
+    tok_params: object
+
+    @property
+    def num_classes(self) -> int:
+        return self.gpt_cfg.num_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    cfg_scale: float | str = 4.0       # number or "a,b" (linear over tokens)
+    cfg_interval: int = -1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    solver: str = "adams2"             # euler | adams2 | heun | dpmpp_2m
+    num_steps: int | None = None       # decoder steps (default: the tokenizer's)
+    dtype: str | None = None           # compute dtype override (float32 | bfloat16)
+    size: int | None = None            # decode resolution (default: sampling_resolution)
+
+
+def check_compatible(gpt_cfg: ar.GPTConfig, tok_cfg: tok.TokenizerConfig) -> None:
+    if gpt_cfg.vocab_size != tok_cfg.vq_codebook_size:
+        raise PipelineError(f"the GPT's vocabulary ({gpt_cfg.vocab_size}) does not match the "
+                            f"tokenizer's codebook ({tok_cfg.vq_codebook_size})")
+    if gpt_cfg.block_size != tok_cfg.num_all_queries:
+        raise PipelineError(f"the GPT's block size ({gpt_cfg.block_size}) does not match the "
+                            f"tokenizer's number of tokens ({tok_cfg.num_all_queries})")
+
+
+def make_models(gpt_cfg, gpt_params, tok_cfg, tok_params) -> Models:
+    check_compatible(gpt_cfg, tok_cfg)
+    return Models(gpt_cfg, gpt_params, tok_cfg, tok_params)
+
+
+def load_models(gpt: str, tokenizer: str, *, gpt_size: str | None = None,
+                num_classes: int = 1000) -> Models:
+    """Loads both models from dar-jax model directories (trainer exports or converted files) or
+    from the reference's ``.pt`` files, converted on the fly (a GPT .pt needs ``gpt_size``)."""
+    from dar_jax.checkpoint import CheckpointError, load_model, load_torch_file, reference
+    from dar_jax.checkpoint.convert import gpt_config_for_file
+    if str(tokenizer).endswith((".pt", ".pth")):
+        tok_cfg, tok_params = tok.load_reference_tokenizer(tokenizer, keep_repa=False)
+    else:
+        _, tok_cfg, tok_params = load_model(tokenizer, kind="tokenizer")
+    if str(gpt).endswith((".pt", ".pth")):
+        from dar_jax.checkpoint.torch_pickle import find_state_dict
+        sd = find_state_dict(load_torch_file(gpt), reference.GPT_STATE_KEYS, gpt)
+        gpt_cfg = gpt_config_for_file(sd, model=gpt_size, block_size=tok_cfg.num_all_queries,
+                                      num_classes=num_classes)
+        gpt_params = reference.gpt_params_from_state_dict(sd, gpt_cfg, where=f"GPT checkpoint {gpt}")
+    else:
+        _, gpt_cfg, gpt_params = load_model(gpt, kind="gpt")
+    return make_models(gpt_cfg, gpt_params, tok_cfg, tok_params)
+
+
+def with_dtype(models: Models, dtype: str | None) -> Models:
+    if dtype is None:
+        return models
+    return dataclasses.replace(models, gpt_cfg=dataclasses.replace(models.gpt_cfg, dtype=dtype),
+                               tok_cfg=dataclasses.replace(models.tok_cfg, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# keys and conversions
+# ----------------------------------------------------------------------------------------------
+def sample_keys(seed: int | jax.Array = 0, num: int = 1, start: int = 0) -> jax.Array:
+    """Per-sample keys for sample indices start .. start+num-1 (independent of batching)."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    return ar.sample_keys(key, num, start)
+
+
+def token_keys(keys: jax.Array) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+
+
+def noise_for(models: Models, keys: jax.Array, size: int | None = None) -> jax.Array:
+    """Decoder noise x0 (B, H, W, 3) drawn per sample from ``fold_in(key, 1)``."""
+    h, w = sampling.resolution(models.tok_cfg, size)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (h, w, 3), jnp.float32))(keys)
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] float images -> uint8 by clamp(127.5 x + 128) (truncation, as D-AR's sampler)."""
+    return np.clip(np.asarray(images, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding group by group
+# ----------------------------------------------------------------------------------------------
+class StreamEvent(NamedTuple):
+    group: int               # 1..G: token groups known
+    tokens: jax.Array        # (B, N) tokens so far (later positions are 0)
+    images: jax.Array        # (B, H, W, 3) preview in [-1, 1] (the final image when ``final``)
+    final: bool
+
+
+def _decode_schedule(cfg: tok.TokenizerConfig, num_steps: int) -> list[tuple[int, int, int]]:
+    """(group, tokens known, steps ready) after each group."""
+    return [(g, sampling.tokens_in_groups(cfg, g),
+             sampling.steps_ready(cfg, sampling.tokens_in_groups(cfg, g), num_steps))
+            for g in range(1, cfg.num_query_groups + 1)]
+
+
+class _GroupDecoder:
+    """Advances the sequential decode as condition tokens arrive; one compiled program."""
+
+    def __init__(self, models: Models, noise, solver: str, num_steps: int):
+        self.m, self.solver, self.num_steps = models, solver, num_steps
+        self.state = sampling.init_state(models.tok_cfg, noise, num_steps=num_steps)
+        self.done = 0
+        self.preview = jnp.asarray(noise) / models.tok_cfg.data_std
+
+    def advance(self, tokens, ready: int):
+        if ready > self.done:
+            cfg, params = self.m.tok_cfg, self.m.tok_params
+            # the decoder layers are causal: cond of the known tokens ignores the zeros after them
+            cond = tok.codes_to_cond(cfg, params, tokens, check=False)
+            kv = sampling.prepare(cfg, params, cond)
+            self.state, preview = sampling.run_steps(cfg, params, kv, self.state, self.done, ready,
+                                                     solver=self.solver, num_steps=self.num_steps)
+            self.preview = sampling.postprocess(cfg, preview)
+            self.done = ready
+        return self.preview
+
+
+def decode_groups(models: Models, codes, noise, *, solver: str = "adams2",
+                  num_steps: int | None = None) -> Iterator[StreamEvent]:
+    """Decodes known codes (B, N) group by group, yielding the preview after each group
+    (the reference's preview-after-k semantics) and finally the full decode."""
+    cfg = models.tok_cfg
+    num_steps = int(num_steps or cfg.num_denoising_steps)
+    codes = jnp.asarray(codes, jnp.int32)
+    tok.check_codes(cfg, codes)
+    dec = _GroupDecoder(models, noise, sampling.canonical(solver), num_steps)
+    sched = _decode_schedule(cfg, num_steps)
+    for g, known, ready in sched:
+        visible = jnp.where(jnp.arange(codes.shape[1]) < known, codes, 0)
+        yield StreamEvent(g, visible, dec.advance(visible, ready), g == len(sched))
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+# ----------------------------------------------------------------------------------------------
+def _generation(models: Models, labels, keys, options: SampleOptions, prefix, prefix_len):
+    return ar.prepare(models.gpt_cfg, models.gpt_params, labels, token_keys(keys),
+                      cfg_scale=options.cfg_scale, cfg_interval=options.cfg_interval,
+                      temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                      prefix=prefix, prefix_len=prefix_len)
+
+
+def stream(models: Models, labels, keys, options: SampleOptions = SampleOptions(), *,
+           prefix=None, prefix_len: int = 0) -> Iterator[StreamEvent]:
+    """Interleaves AR generation and decoding: after each token group, yields the preview of
+    the image so far; the last event is the final image (``final=True``)."""
+    models = with_dtype(models, options.dtype)
+    labels = jnp.asarray(labels, jnp.int32)
+    keys = jnp.asarray(keys)
+    if keys.shape[:1] != labels.shape[:1]:
+        raise PipelineError(f"{keys.shape[0]} keys for {labels.shape[0]} labels")
+    cfg = models.tok_cfg
+    num_steps = int(options.num_steps or cfg.num_denoising_steps)
+    gen = _generation(models, labels, keys, options, prefix, prefix_len)
+    dec = _GroupDecoder(models, noise_for(models, keys, options.size),
+                        sampling.canonical(options.solver), num_steps)
+    state = gen.start()
+    have = 1
+    sched = _decode_schedule(cfg, num_steps)
+    for g, known, ready in sched:
+        if known > have:
+            state = gen.advance(state, have, known)
+            have = known
+        yield StreamEvent(g, state.tokens, dec.advance(state.tokens, ready), g == len(sched))
+
+
+class SampleResult(NamedTuple):
+    tokens: jax.Array            # (B, N) int32
+    images: jax.Array            # (B, H, W, 3) float32 in [-1, 1]
+    previews: jax.Array | None   # (B, G, H, W, 3) preview after each group (if asked)
+
+
+def sample(models: Models, labels, keys, options: SampleOptions = SampleOptions(), *,
+           prefix=None, prefix_len: int = 0, previews: bool = False) -> SampleResult:
+    """labels (B,) + per-sample keys (B,) -> tokens and images (same values as ``stream``)."""
+    shots = []
+    event = None
+    for event in stream(models, labels, keys, options, prefix=prefix, prefix_len=prefix_len):
+        if previews:
+            shots.append(event.images)
+    return SampleResult(event.tokens, event.images, jnp.stack(shots, 1) if previews else None)
+
+
+def layout_prefix(models: Models, images, groups: int) -> tuple[jax.Array, int]:
+    """Zero-shot layout control: the first ``groups`` token groups of the tokenizer's codes of
+    ``images`` (B, H, W, 3) in [-1, 1]. Returns (prefix tokens (B, N), prefix length)."""
+    cfg = models.tok_cfg
+    if not 0 <= groups <= cfg.num_query_groups:
+        raise PipelineError(f"layout groups must lie in [0, {cfg.num_query_groups}], got {groups}")
+    codes = tok.encode(cfg, models.tok_params, images, check_range=True)
+    return codes, sampling.tokens_in_groups(cfg, groups)
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    """An image file -> (1, size, size, 3) float32 in [-1, 1] (ADM centre crop)."""
+    from PIL import Image, UnidentifiedImageError
+    from dar_jax.data.augment import center_crop_arr
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            arr = np.asarray(center_crop_arr(np.asarray(im), size), np.float32)
+    except (FileNotFoundError, IsADirectoryError):
+        raise PipelineError(f"layout image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise PipelineError(f"cannot read layout image {path}: {e}") from None
+    return (arr / 127.5 - 1.0)[None]
