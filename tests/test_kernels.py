@@ -81,6 +81,23 @@ def test_flash_matches_reference(case, dtype):
     _check_against_reference(fn, q, k, v, do, dtype, **kw)
 
 
+MIXED = K.FlashBlocks(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
+                      block_k_dq=16)
+
+
+@pytest.mark.parametrize("mask,lq,lk,prefix,kv_len", [
+    ("causal", 70, 70, 0, None), ("prefix_causal", 70, 70, 41, None),
+    ("decode", 45, 70, 0, 50)], ids=["causal", "prefix_causal", "decode"])
+def test_flash_unequal_tiles(mask, lq, lk, prefix, kv_len):
+    """Query and key tiles of different sizes (as the defaults use): the skipped / mask-free /
+    masked tile ranges must line up across the tile grid."""
+    q, k, v, do = _inputs(1, lq, lk, 2, 2, 16, jnp.float32, seed=11)
+    kw = dict(mask=mask, prefix_len=prefix,
+              kv_len=None if kv_len is None else jnp.array([kv_len], jnp.int32))
+    fn = lambda q, k, v: K.flash_attention(q, k, v, blocks=MIXED, interpret=True, **kw)
+    _check_against_reference(fn, q, k, v, do, jnp.float32, **kw)
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_flash_head_dims(d):
     q, k, v, do = _inputs(1, 40, 40, 2, 2, d, jnp.float32, seed=d)

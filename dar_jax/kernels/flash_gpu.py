@@ -13,6 +13,9 @@ Lengths need not be multiples of the block sizes: each block of rows/keys is loa
 bounds mask (out-of-range rows/keys read as 0 and are masked out of the softmax; stores are
 masked). Softmax is online (FlashAttention-2) in float32, in base 2 (logits pre-multiplied by
 scale * log2(e)); the forward saves the base-2 logsumexp ``lse`` (B, H, Lq) for the backward.
+Each loop runs in two phases: tiles every row of which sees every key skip the mask
+arithmetic, tiles on the diagonal / prefix edge / ragged end apply it, tiles with no visible
+key are not visited.
 
 Backward: delta = rowsum(o * do) in XLA, then one kernel over key blocks (dK, dV; loops over
 query blocks) and one over query blocks (dQ; loops over key blocks), both recomputing
@@ -191,33 +194,47 @@ def _cdiv_nonneg(x, n: int):
     return lax.div(x + (n - 1), jnp.int32(n))
 
 
-def _key_block_range(st: _Static, row0, bq: int, bk: int, off):
-    """Key blocks [lo, hi) that hold any key visible to query rows [row0, row0 + bq)."""
+def _key_blocks(st: _Static, row0, bq: int, bk: int, off):
+    """Key blocks for query rows [row0, row0 + bq): (n_full, hi).
+
+    Blocks [0, n_full) are visible to every row of the tile and in range (no mask needed);
+    blocks [n_full, hi) need the mask; blocks from hi on hold no visible key (skipped).
+    """
     nk = pl.cdiv(st.lk, bk)
-    last_row_end = row0 + bq  # exclusive
+    whole = st.lk // bk  # blocks without out-of-range keys
     if st.mask == "none":
-        return jnp.int32(0), jnp.int32(nk)
-    if st.mask == "causal":
-        hi = _cdiv_nonneg(last_row_end, bk)
-    elif st.mask == "prefix_causal":
-        hi = jnp.maximum(_cdiv_nonneg(last_row_end, bk), pl.cdiv(st.prefix_len, bk))
-    else:  # decode
-        hi = _cdiv_nonneg(last_row_end + off, bk)
-    return jnp.int32(0), jnp.minimum(hi, nk)
+        return jnp.int32(whole), jnp.int32(nk)
+    # key j is visible to all rows of the tile iff it is visible to the first row, row0
+    first_row_sees = row0 + off + 1  # keys [0, first_row_sees) (causal part)
+    last_row_sees = row0 + bq + off  # keys [0, last_row_sees) reach some row of the tile
+    full = lax.div(jnp.maximum(first_row_sees, 0), jnp.int32(bk))
+    hi = _cdiv_nonneg(last_row_sees, bk)
+    if st.mask == "prefix_causal":
+        full = jnp.maximum(full, st.prefix_len // bk)
+        hi = jnp.maximum(hi, pl.cdiv(st.prefix_len, bk))
+    hi = jnp.minimum(hi, nk)
+    return jnp.minimum(full, jnp.minimum(whole, hi)), hi
 
 
-def _query_block_range(st: _Static, col0, bq: int, off):
-    """Query blocks [lo, hi) holding any row that sees a key in [col0, col0 + bk)."""
+def _query_blocks(st: _Static, col0, bq: int, bk: int, off):
+    """Query blocks for keys [col0, col0 + bk): (lo, n_masked_end).
+
+    Blocks [lo, n_masked_end) need the mask, blocks [n_masked_end, nq) see every key of the
+    tile, blocks before lo see none. Rows and keys out of range need no mask here: padded rows
+    load q = do = 0 and add nothing, padded keys are never stored.
+    """
     nq = pl.cdiv(st.lq, bq)
     if st.mask == "none":
-        return jnp.int32(0), jnp.int32(nq)
-    if st.mask == "causal":
-        lo = lax.div(col0, jnp.int32(bq))
-    elif st.mask == "prefix_causal":
-        lo = jnp.where(col0 < st.prefix_len, 0, lax.div(col0, jnp.int32(bq)))
-    else:  # decode: row r sees col c iff r >= c - off
-        lo = lax.div(jnp.maximum(col0 - off, 0), jnp.int32(bq))
-    return jnp.minimum(lo, nq), jnp.int32(nq)
+        return jnp.int32(0), jnp.int32(0)
+    # row r sees key c iff c <= r + off (causal part): first row that sees col0 / the last key
+    lo = lax.div(jnp.maximum(col0 - off, 0), jnp.int32(bq))
+    full = _cdiv_nonneg(col0 + bk - 1 - off, bq)
+    if st.mask == "prefix_causal":
+        in_prefix = col0 + bk <= st.prefix_len  # every key of the tile is in the prefix
+        lo = jnp.where(col0 < st.prefix_len, 0, lo)
+        full = jnp.where(in_prefix, 0, full)
+    lo = jnp.minimum(lo, nq)
+    return lo, jnp.clip(full, lo, nq)
 
 
 def _load_rows(ref, start, size: int, length: int):
@@ -270,14 +287,14 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int):
     q = _load_rows(q_ref, row0, bq, st.lq)
     d = q.shape[-1]
 
-    def body(j, carry):
+    def body(j, carry, masked: bool):
         acc, m, l = carry
         col0 = j * bk
         cols = col0 + jnp.arange(bk)
         k = _load_rows(k_ref, col0, bk, st.lk)
         v = _load_rows(v_ref, col0, bk, st.lk)
         s = _dot(q, k, trans_b=True, precision=st.precision) * st.scale_log2
-        vis = _visible(st, rows, cols, off, bk)
+        vis = _visible(st, rows, cols, off, bk) if masked else None
         if vis is not None:
             s = jnp.where(vis, s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -289,8 +306,9 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int):
 
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), NEG, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    lo, hi = _key_block_range(st, row0, bq, bk, off)
-    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    full, hi = _key_blocks(st, row0, bq, bk, off)
+    carry = lax.fori_loop(0, full, functools.partial(body, masked=False), init)
+    acc, m, l = lax.fori_loop(full, hi, functools.partial(body, masked=True), carry)
     l_safe = jnp.where(l > 0.0, l, 1.0)  # rows that saw no key (only invalid decode rows)
     _store_rows(o_ref, row0, acc / l_safe[:, None], st.lq)
     _store_vec(lse_ref, row0, m + jnp.log2(l_safe), st.lq)
@@ -338,7 +356,7 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
     v = _load_rows(v_ref, col0, bk, st.lk)
     d = k.shape[-1]
 
-    def body(i, carry):
+    def body(i, carry, masked: bool):
         dk, dv = carry
         row0 = i * bq
         rows = row0 + jnp.arange(bq)
@@ -348,10 +366,7 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
         delta = _load_vec(delta_ref, row0, bq, st.lq)
         s = _dot(q, k, trans_b=True, precision=st.precision) * st.scale_log2
         p = jnp.exp2(s - lse[:, None])
-        vis = _visible(st, rows, cols, off, bk)
-        if st.lq % bq:
-            row_ok = (rows < st.lq)[:, None]
-            vis = row_ok if vis is None else vis & row_ok
+        vis = _visible(st, rows, cols, off, bk) if masked else None
         if vis is not None:
             p = jnp.where(vis, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
@@ -361,8 +376,10 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
         return dk, dv
 
     zeros = jnp.zeros((bk, d), jnp.float32)
-    lo, hi = _query_block_range(st, col0, bq, off)
-    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+    lo, masked_end = _query_blocks(st, col0, bq, bk, off)
+    carry = lax.fori_loop(lo, masked_end, functools.partial(body, masked=True), (zeros, zeros))
+    dk, dv = lax.fori_loop(masked_end, pl.cdiv(st.lq, bq), functools.partial(body, masked=False),
+                           carry)
     _store_rows(dk_ref, col0, dk * st.scale, st.lk)
     _store_rows(dv_ref, col0, dv, st.lk)
 
@@ -379,22 +396,24 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int):
     lse = _load_vec(lse_ref, row0, bq, st.lq)
     delta = _load_vec(delta_ref, row0, bq, st.lq)
 
-    def body(j, dq):
+    def body(j, dq, masked: bool):
         col0 = j * bk
         cols = col0 + jnp.arange(bk)
         k = _load_rows(k_ref, col0, bk, st.lk)
         v = _load_rows(v_ref, col0, bk, st.lk)
         s = _dot(q, k, trans_b=True, precision=st.precision) * st.scale_log2
         p = jnp.exp2(s - lse[:, None])
-        vis = _visible(st, rows, cols, off, bk)
+        vis = _visible(st, rows, cols, off, bk) if masked else None
         if vis is not None:
             p = jnp.where(vis, p, 0.0)
         dp = _dot(do, v, trans_b=True, precision=st.precision)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, precision=st.precision)
 
-    lo, hi = _key_block_range(st, row0, bq, bk, off)
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    full, hi = _key_blocks(st, row0, bq, bk, off)
+    dq = lax.fori_loop(0, full, functools.partial(body, masked=False),
+                       jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(full, hi, functools.partial(body, masked=True), dq)
     _store_rows(dq_ref, row0, dq * st.scale, st.lq)
 
 
