@@ -61,18 +61,41 @@ class WorkerTask(ARTask):
 
 
 def config(spec):
-    c = base_config("ar")
-    c.model.update(dict(size="", dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=32,
-                        num_classes=10, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
-                        class_dropout_prob=0.0))
-    c.model.update(spec.get("model", {}))
-    c.train.update(dict(global_batch_size=spec.get("batch", 16), steps=spec.get("steps", 5), seed=0,
-                        ema_decay=spec.get("ema", 0.0)))
-    c.optim.update(dict(lr=spec.get("lr", 3e-3), warmup_steps=0))
+    if spec.get("task") == "tokenizer":
+        from dar_jax.config import load_config
+        c = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_tokenizer.py"),
+                        spec.get("overrides", []))
+        c.train.update(dict(global_batch_size=spec.get("batch", 8), steps=spec.get("steps", 5), seed=0,
+                            ema_decay=spec.get("ema", 0.99), eval_every_steps=spec.get("eval_every", 0)))
+        if spec.get("gan"):
+            c.gan.update(dict(enabled=True, start_step=spec["gan"], ndf=16, n_layers=2))
+    elif spec.get("task") == "tiny_ar":  # the shipped tiny AR config, real data pipeline
+        from dar_jax.config import load_config
+        c = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_ar.py"),
+                        spec.get("overrides", []))
+        c.train.update(dict(global_batch_size=spec.get("batch", 16), steps=spec.get("steps", 5)))
+    else:
+        c = base_config("ar")
+        c.model.update(dict(size="", dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=32,
+                            num_classes=10, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+                            class_dropout_prob=0.0))
+        c.model.update(spec.get("model", {}))
+        c.train.update(dict(global_batch_size=spec.get("batch", 16), steps=spec.get("steps", 5), seed=0,
+                            ema_decay=spec.get("ema", 0.0)))
+        c.optim.update(dict(lr=spec.get("lr", 3e-3), warmup_steps=0))
     c.mesh.update(spec.get("mesh", {"data": -1}))
     c.checkpoint.update(dict(every_steps=spec.get("ckpt_every", 100), async_save=True))
     c.logging.update(dict(every_steps=1, tensorboard=False, progress=False))
     return c
+
+
+def make_task(cfg):
+    if cfg.task == "tokenizer":
+        from dar_jax.train.tokenizer_task import TokenizerTask
+        return TokenizerTask(cfg)
+    if spec.get("task") == "tiny_ar":
+        return ARTask(cfg)
+    return WorkerTask(cfg)
 
 
 def params_digest(params) -> str:
@@ -104,17 +127,19 @@ def run_one(sub):
         return {"error": None}
     cfg = config(sub)
     devices = jax.devices()[: sub["devices"]] if sub.get("devices") else None
-    trainer = Trainer(cfg, WorkerTask(cfg), sub["workdir"], devices=devices)
+    trainer = Trainer(cfg, make_task(cfg), sub["workdir"], devices=devices)
     if sub.get("mode") == "restore":
         step, state = restore_latest(trainer)
         return {"step": step, "digest": params_digest(state["params"])}
     out = {"result": trainer.run()}
     if jax.process_index() == 0:
         rows = read_jsonl(os.path.join(sub["workdir"], "metrics.jsonl"))
-        out["losses"] = [r["loss"] for r in rows]
+        out["losses"] = [r["loss"] for r in rows if "loss" in r]
+        out["evals"] = [r for r in rows if "eval_psnr" in r]
     if sub.get("report_shards"):
         _, state = restore_latest(trainer)
         out["digest"] = params_digest(state["params"])
+        out["state_digest"] = params_digest({k: v for k, v in state.items() if k != "opt_state"})
         out["shards"] = shard_fractions(state)
     return out
 

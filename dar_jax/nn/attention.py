@@ -173,7 +173,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: MaskKind = "non
             fn, supports = _IMPLEMENTATIONS[cand]
             reason = supports(q, k, v, **kwargs)
             if reason is None:
-                return fn(q, k, v, **kwargs)
+                return _run_kernel(cand, fn, q, k, v, kwargs)
             key = (cand, mask, q.shape[1:], k.shape[1:], str(q.dtype))
             if key not in _warned:
                 _warned.add(key)
@@ -186,4 +186,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: MaskKind = "non
     reason = supports(q, k, v, **kwargs)
     if reason is not None:
         raise AttentionError(f"attention implementation {name!r} cannot serve this call: {reason}")
-    return fn(q, k, v, **kwargs)
+    return _run_kernel(name, fn, q, k, v, kwargs)
+
+
+def _mesh_to_shard_over():
+    """The active mesh (``jax.set_mesh``) when a kernel must run per shard, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return None
+    return mesh
+
+
+def _run_kernel(name: str, fn: Callable, q, k, v, kwargs):
+    """Kernels are opaque to the SPMD partitioner: under an active mesh they run in shard_map
+    (batch over data/fsdp, heads over tensor), otherwise directly."""
+    if name == "xla":
+        return fn(q, k, v, **kwargs)
+    mesh = _mesh_to_shard_over()
+    if mesh is None:
+        return fn(q, k, v, **kwargs)
+    from dar_jax.kernels.sharding import sharded_attention
+    return sharded_attention(q, k, v, mesh, implementation=name, **kwargs)

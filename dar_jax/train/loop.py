@@ -219,9 +219,10 @@ class Trainer:
             lambda x, s: jax.ShapeDtypeStruct((self.global_batch,) + np.shape(x)[1:], np.asarray(x).dtype, sharding=s),
             first, batch_sh)
         t0 = time.perf_counter()
-        compiled = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
-                           out_shardings=(state_sh, parallel.replicated(mesh)),
-                           donate_argnums=(0,)).lower(target, abstract_batch, consts).compile()
+        with jax.set_mesh(mesh):  # attention kernels run per shard under the active mesh
+            compiled = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
+                               out_shardings=(state_sh, parallel.replicated(mesh)),
+                               donate_argnums=(0,)).lower(target, abstract_batch, consts).compile()
         log.info("train step compiled in %.1f s", time.perf_counter() - t0)
 
         meta = {"kind": task.kind, "model_config": _dataclass_dict(task.model_cfg),
@@ -240,6 +241,8 @@ class Trainer:
         last_metrics: dict = {}
         step = start
         batch = first
+        if eval_every and start == 0:  # the baseline every later evaluation is compared with
+            writer.write(0, task.evaluate(state, 0, writer))
         while step < self.total_steps:
             if self._should_stop(step):
                 self._flush(pending, writer, last_metrics)

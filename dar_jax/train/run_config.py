@@ -17,7 +17,7 @@ from dar_jax.parallel.sharding import DEFAULT_RULES
 def base_config(task: str = "ar") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task                       # "ar" | "tokenizer"
-    c.model = ml_collections.ConfigDict()  # the model's config (fields of GPTConfig / TokenizerConfig)
+    c.model = ml_collections.ConfigDict(model_defaults(task))  # every field of the model config
     c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))  # keys: dar_jax.data.DataConfig
     c.tokenizer = ml_collections.ConfigDict(dict(checkpoint=""))  # AR: tokenize images on the fly
     c.optim = ml_collections.ConfigDict(dict(
@@ -41,6 +41,20 @@ def base_config(task: str = "ar") -> ml_collections.ConfigDict:
         c.eval = ml_collections.ConfigDict(dict(num_images=8, solver="adams2", steps=0))
         del c["tokenizer"]
     return c
+
+
+def model_defaults(task: str) -> dict:
+    """All fields of the task's model config with their defaults (so each can be overridden)."""
+    from dar_jax.config import to_dict
+    if task == "ar":
+        from dar_jax.ar import GPTConfig
+        # dim / n_layer / n_head come from ``size`` unless set (None = take the size's)
+        return {**to_dict(GPTConfig()), "size": "", "dim": None, "n_layer": None, "n_head": None}
+    if task == "tokenizer":
+        from dar_jax.tokenizer import TokenizerConfig
+        return to_dict(TokenizerConfig())
+    from dar_jax.config import ConfigError
+    raise ConfigError(f"unknown task {task!r}; expected 'ar' or 'tokenizer'")
 
 
 def epochs_to_steps(epochs: float, num_examples: int, global_batch: int) -> int:

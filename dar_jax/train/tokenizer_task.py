@@ -1,0 +1,349 @@
+"""Training the sequential diffusion tokenizer on the one trainer.
+
+Per image: a time t ~ U(0, 1), its token window (from the unshifted t), the flow-matching loss
+of the decoder's velocity, the codebook + commitment (+ optional entropy) losses over the
+queries up to the end of the window, and the one-step prediction (x_t + (1 - t) v) / std for
+LPIPS; REPA aligns the decoder's hidden state with frozen DINOv2 patch tokens; an optional
+time-conditioned PatchGAN (its own optimizer, from a configured step). EMA of the parameters,
+codebook-usage statistics, and periodic reconstruction PSNR / SSIM, usage, dead codes, a
+reconstruction grid and a preview strip on a held-out split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dar_jax import tokenizer as tok
+from dar_jax.config import ConfigError, as_plain, from_mapping
+from dar_jax.tokenizer import flow, quantizer
+from dar_jax.train import gan
+from dar_jax.train.loop import Task
+from dar_jax.train.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_config_from_run(model_section) -> tok.TokenizerConfig:
+    return tok.tokenizer_config(as_plain(model_section))
+
+
+def entropy_loss(z_norm: jax.Array, codebook: jax.Array, temperature: float = 0.01) -> jax.Array:
+    """The reference's entropy term (weight 0 in the released recipe): per-sample entropy of the
+    softmax over code affinities minus the entropy of their batch mean."""
+    emb = quantizer.l2_normalize(codebook)
+    flat = z_norm.reshape(-1, z_norm.shape[-1])
+    d = (jnp.sum(flat ** 2, -1, keepdims=True) + jnp.sum(emb ** 2, -1) - 2.0 * flat @ emb.T)
+    logits = -d / temperature
+    probs = jax.nn.softmax(logits, -1)
+    log_probs = jax.nn.log_softmax(logits + 1e-5, -1)
+    avg = probs.mean(0)
+    return -jnp.mean(jnp.sum(probs * log_probs, -1)) + jnp.sum(avg * jnp.log(avg + 1e-5))
+
+
+def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak 2)."""
+    mse = jnp.mean((jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)) ** 2, axis=(1, 2, 3))
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+def ssim(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-image SSIM (Gaussian window 11, sigma 1.5, on [0, 1] images, channel mean)."""
+    x = (jnp.clip(x, -1, 1) + 1) / 2
+    y = (jnp.clip(y, -1, 1) + 1) / 2
+    size = min(11, x.shape[1], x.shape[2])
+    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * 1.5 ** 2))
+    g = jnp.asarray(g / g.sum(), jnp.float32)
+
+    def blur(a):
+        return _sep_blur(a, g)
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx ** 2
+    syy = blur(y * y) - my ** 2
+    sxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return s.mean(axis=(1, 2, 3))
+
+
+def _sep_blur(a, g):
+    """Valid separable blur of (B, H, W, C) with the 1-D kernel g."""
+    k = g.shape[0]
+    h = jnp.stack([a[:, i:a.shape[1] - k + 1 + i] for i in range(k)], 0)
+    a = jnp.tensordot(g, h, axes=(0, 0))
+    w = jnp.stack([a[:, :, i:a.shape[2] - k + 1 + i] for i in range(k)], 0)
+    return jnp.tensordot(g, w, axes=(0, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    codebook_weight: float = 1.0
+    commit_beta: float = 0.25
+    entropy_weight: float = 0.0
+    perceptual_weight: float = 0.5
+    repa_weight: float = 0.5
+    # dar-jax: for the first steps the decoder sees the continuous latents (no quantisation, no
+    # VQ losses), so that the encoder learns an informative latent before codes are picked; the
+    # reference has no such phase (0 = off). Small CPU runs need it: at initialisation the
+    # encoder's queries carry almost no image information and every image gets the same codes.
+    vq_warmup_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GanConfig:
+    enabled: bool = False
+    start_step: int = 20000
+    weight: float = 0.5
+    t_weighting: bool = True
+    lr: float = 2e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    ndf: int = 64
+    n_layers: int = 3
+
+
+class TokenizerTask(Task):
+    kind = "tokenizer"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.model_cfg = tokenizer_config_from_run(cfg.model)
+        self.loss_cfg = from_mapping(LossConfig, as_plain(cfg.loss), where="loss")
+        self.gan_cfg = from_mapping(GanConfig, as_plain(cfg.gan), where="gan")
+        p = cfg.perceptual
+        self.lpips = self.dino = None
+        if p.lpips_vgg or p.lpips_heads:
+            if not (p.lpips_vgg and p.lpips_heads):
+                raise ConfigError("LPIPS needs both perceptual.lpips_vgg and perceptual.lpips_heads")
+            from dar_jax.train.lpips import load_lpips
+            self.lpips = load_lpips(p.lpips_vgg, p.lpips_heads)
+        else:
+            log.info("LPIPS loss off: perceptual.lpips_vgg / lpips_heads not configured")
+        if p.dinov2:
+            from dar_jax.train.dinov2 import load_dinov2
+            self.dino = load_dinov2(p.dinov2)
+            if not self.model_cfg.repa_projector:
+                raise ConfigError("REPA is configured (perceptual.dinov2) but model.repa_projector is false")
+        else:
+            log.info("REPA loss off: perceptual.dinov2 not configured")
+        self.disc_cfg = gan.DiscriminatorConfig(ndf=self.gan_cfg.ndf, n_layers=self.gan_cfg.n_layers)
+        if self.gan_cfg.enabled:
+            self.disc_tx = optax.adamw(self.gan_cfg.lr, b1=self.gan_cfg.b1, b2=self.gan_cfg.b2,
+                                       weight_decay=0.0)
+        self.workdir = None
+        self._eval_batch = None
+
+    # --- model -----------------------------------------------------------------------------------
+    def init_params(self, key):
+        return tok.init_params(self.model_cfg, key)
+
+    def abstract_params(self):
+        return tok.abstract_params(self.model_cfg)
+
+    def logical_axes(self):
+        return tok.logical_axes(self.model_cfg)
+
+    def init_extra(self, key, params):
+        extra = {"usage": jnp.full((quantizer_usage_len(),), self.model_cfg.vq_codebook_size, jnp.int32)}
+        if self.gan_cfg.enabled:
+            disc = gan.init_params(self.disc_cfg, key)
+            extra["disc"] = disc
+            extra["disc_opt"] = self.disc_tx.init(disc)
+        return extra
+
+    def consts(self):
+        out = {}
+        if self.lpips is not None:
+            out["lpips"] = self.lpips
+        if self.dino is not None:
+            out["dino"] = self.dino[1]
+        return out
+
+    # --- losses ----------------------------------------------------------------------------------
+    def losses(self, params, images, fb, consts, disc_params, step):
+        """All generator terms for one batch; returns (total, (metrics, codes, fake))."""
+        cfg, lc = self.model_cfg, self.loss_cfg
+        q = tok.encode_latents(cfg, params, images)
+        vq, commit = quantizer.vq_losses(q, fb.query_end, lc.commit_beta)
+        codebook_terms = vq + commit
+        quant = q.quant
+        if lc.vq_warmup_steps:
+            quantized = step >= lc.vq_warmup_steps
+            quant = jnp.where(quantized, q.quant, q.z_norm)
+            codebook_terms = codebook_terms * quantized.astype(jnp.float32)
+        metrics = {"vq_loss": vq, "commit_loss": commit}
+        if lc.entropy_weight:
+            ent = entropy_loss(q.z_norm, params["codebook"])
+            codebook_terms = codebook_terms + lc.entropy_weight * ent
+            metrics["entropy_loss"] = ent
+        cond = tok.quant_to_cond(cfg, params, quant)
+        window = flow.gather_window(cond, fb.start, cfg.queries_per_step)
+        use_repa = self.dino is not None
+        out = tok.velocity(cfg, params, fb.x_t, fb.t, window, return_repa=use_repa)
+        v, h_repa = out if use_repa else (out, None)
+        fm = flow.flow_matching_loss(v, fb.target, cfg.data_std)
+        fake = flow.predict_data(fb.x_t, v, fb.t, cfg.data_std)
+        total = lc.codebook_weight * codebook_terms + fm
+        metrics["fm_loss"] = fm
+        if self.lpips is not None:
+            from dar_jax.train.lpips import lpips
+            p_loss = jnp.mean(lpips(consts["lpips"], images, fake))
+            total = total + abs(lc.perceptual_weight) * p_loss
+            metrics["perceptual_loss"] = p_loss
+        if use_repa:
+            from dar_jax.train import dinov2
+            dcfg = self.dino[0]
+            target = jax.lax.stop_gradient(
+                dinov2.patch_tokens(dcfg, consts["dino"], dinov2.repa_preprocess(images)))
+            r_loss = dinov2.repa_loss(h_repa, target)
+            total = total + lc.repa_weight * r_loss
+            metrics["repa_loss"] = r_loss
+        if disc_params is not None:
+            adv = gan.g_loss(gan.apply(self.disc_cfg, jax.lax.stop_gradient(disc_params), fake, fb.t))
+            on = (step >= self.gan_cfg.start_step).astype(jnp.float32)
+            total = total + on * self.gan_cfg.weight * adv
+            metrics["gen_adv_loss"] = adv
+        return total, (metrics, q.codes, fake)
+
+    def train_step(self, state, batch, consts, *, tx, ema_decay):
+        cfg = self.model_cfg
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        k_flow, k_usage = jax.random.split(key)
+        images = batch["image"]
+        fb = flow.sample_flow_batch(cfg, images, k_flow)
+        extra = dict(state["extra"])
+        disc = extra.get("disc")
+        (loss, (metrics, codes, fake)), grads = jax.value_and_grad(self.losses, has_aux=True)(
+            state["params"], images, fb, consts, disc, step)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(state, params=params, opt_state=opt_state, step=step + 1)
+        if ema_decay > 0:
+            new["ema"] = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state["ema"], params)
+        if disc is not None:
+            weight = fb.t if self.gan_cfg.t_weighting else None
+            fake_sg = jax.lax.stop_gradient(fake)
+
+            def d_objective(dp):
+                real = gan.apply(self.disc_cfg, dp, images, fb.t)
+                fake_l = gan.apply(self.disc_cfg, dp, fake_sg, fb.t)
+                return gan.d_loss(real, fake_l, weight), (real.mean(), fake_l.mean())
+
+            (d_loss, (lr_, lf_)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(disc)
+            d_updates, d_opt = self.disc_tx.update(d_grads, extra["disc_opt"], disc)
+            on = step >= self.gan_cfg.start_step
+            extra["disc"] = jax.tree.map(lambda new_, old: jnp.where(on, new_, old),
+                                         optax.apply_updates(disc, d_updates), disc)
+            extra["disc_opt"] = jax.tree.map(lambda new_, old: jnp.where(on, new_, old), d_opt, extra["disc_opt"])
+            metrics.update(disc_loss=d_loss, logits_real=lr_, logits_fake=lf_)
+        extra["usage"], usage = quantizer.update_usage(extra["usage"], codes, k_usage, cfg.vq_codebook_size)
+        new["extra"] = extra
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), codebook_usage=usage,
+                       dead_code_rate=quantizer.dead_code_rate(codes))
+        return new, metrics
+
+    # --- data ------------------------------------------------------------------------------------
+    def make_data(self, *, split, process_index, process_count, purpose="tokenizer"):
+        from dar_jax import data
+        return data.make_dataset(self.cfg.data, split=split if purpose != "eval" else None,
+                                 global_batch_size=int(self.cfg.train.global_batch_size),
+                                 seed=int(self.cfg.train.seed), process_index=process_index,
+                                 process_count=process_count, purpose=purpose).iterator()
+
+    def prepare_batch(self, batch):
+        return {"image": np.asarray(batch["image"], np.float32)}
+
+    def flops_per_example(self):
+        return tokenizer_train_flops_per_example(self.model_cfg, int(self.cfg.data.image_size))
+
+    def tokens_per_example(self):
+        return self.model_cfg.num_all_queries
+
+    # --- evaluation ------------------------------------------------------------------------------
+    def eval_images(self) -> np.ndarray:
+        """A fixed held-out batch (the first ``eval.num_images`` of the eval split)."""
+        if self._eval_batch is None:
+            from dar_jax import data
+            n = int(self.cfg.eval.num_images)
+            pipe = data.make_dataset(self.cfg.data, global_batch_size=n, seed=0, purpose="eval",
+                                     process_index=0, process_count=1)
+            it = pipe.iterator()
+            batch = next(it)
+            it.close()
+            self._eval_batch = np.asarray(batch["image"], np.float32)[np.asarray(batch["mask"], bool)]
+        return self._eval_batch
+
+    def evaluate(self, state, step, writer):
+        cfg = self.model_cfg
+        params = jax.device_get(state["ema"] if "ema" in state else state["params"])
+        images = self.eval_images()
+        ev = self.cfg.eval
+        steps = int(ev.steps) or None
+        codes = tok.encode(cfg, params, images)
+        key = jax.random.key(int(self.cfg.train.seed))
+        recon = tok.decode(cfg, params, codes, key, solver=ev.solver, num_steps=steps,
+                           size=images.shape[1:3])
+        out = {"eval_psnr": float(jnp.mean(psnr(recon, images))),
+               "eval_ssim": float(jnp.mean(ssim(recon, images))),
+               "eval_codebook_usage": float(len(np.unique(np.asarray(codes))) / cfg.vq_codebook_size),
+               "eval_dead_code_rate": float(quantizer.dead_code_rate(codes))}
+        if jax.process_index() == 0 and self.workdir:
+            previews = [tok.decode(cfg, params, codes[:1], key, solver=ev.solver, num_steps=steps,
+                                   preview_groups=g, size=images.shape[1:3])
+                        for g in range(1, cfg.num_query_groups)] + [recon[:1]]
+            grid = image_grid([np.asarray(images), np.asarray(recon)])
+            strip = image_grid([np.concatenate([np.asarray(p) for p in previews], 0)])
+            save_png(os.path.join(self.workdir, "samples", f"recon_{step:07d}.png"), grid)
+            save_png(os.path.join(self.workdir, "samples", f"preview_{step:07d}.png"), strip)
+            writer.write_images(step, "eval/reconstructions", grid)
+            writer.write_images(step, "eval/previews", strip)
+        return out
+
+
+def quantizer_usage_len() -> int:
+    from dar_jax.tokenizer.config import USAGE_BUFFER
+    return USAGE_BUFFER
+
+
+def tokenizer_train_flops_per_example(cfg: tok.TokenizerConfig, image_size: int) -> float:
+    """Forward + backward matmul FLOPs of one training example (encoder, decoder layers, one
+    velocity evaluation; attention included)."""
+    d_e, d_d, dd = cfg.encoder_dim, cfg.decoder_dim, cfg.diff_decoder.dim
+    n_patch = (image_size // cfg.encoder_patch_size) ** 2
+    n_q = cfg.num_all_queries
+    enc_tokens = n_patch + n_q
+
+    def block(tokens, d, ctx):
+        return tokens * (2 * 4 * d * d + 2 * 8 * d * d) + 2 * 2 * tokens * ctx * d
+
+    fl = cfg.num_encoder_layers * block(enc_tokens, d_e, enc_tokens)
+    fl += cfg.num_decoder_layers * block(n_q, d_d, n_q / 2)
+    p = cfg.diff_decoder.patch_size
+    n_pix = (image_size // p) ** 2
+    per_sit = block(n_pix, dd, n_pix) + n_pix * (2 * 2 * dd * dd + 2 * 6 * dd * dd) + 2 * 2 * n_pix * cfg.queries_per_step * dd
+    fl += cfg.diff_decoder.depth * per_sit + n_pix * 2 * 2 * (3 * p * p) * dd
+    return 3.0 * fl
+
+
+def image_grid(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of (N, H, W, 3) images in [-1, 1] -> one uint8 (rows*H, N*W, 3) grid."""
+    out = []
+    for r in rows:
+        r = np.clip(np.asarray(r) * 127.5 + 128, 0, 255).astype(np.uint8)
+        out.append(np.concatenate(list(r), axis=1))
+    return np.concatenate(out, axis=0)
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
