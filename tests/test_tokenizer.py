@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 
 import chex
@@ -371,21 +372,23 @@ def test_training_losses_have_gradients(small_model):
                                           for p, k in zip(leaves, keys)])
     images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
 
-    def loss_fn(p):
+    def loss_fn(p, remat):
         model = T.bind(cfg, p)
-        q = quantizer.quantize(model.encode(images), p["codebook"])
-        cond = model.decoder_layers_forward(q.quant)
+        q = quantizer.quantize(model.encode(images, remat=remat), p["codebook"])
+        cond = model.decoder_layers_forward(q.quant, remat=remat)
         fb = flow.sample_flow_batch(cfg, images, jax.random.key(3))
         group = flow.gather_window(cond, fb.start, cfg.queries_per_step)
-        v, repa = T.velocity(cfg, p, fb.x_t, fb.t, group, return_repa=True)
+        v, repa = T.velocity(cfg, p, fb.x_t, fb.t, group, return_repa=True, remat=remat)
         vq, commit = quantizer.vq_losses(q, fb.query_end)
         return flow.flow_matching_loss(v, fb.target, cfg.data_std) + vq + commit + 1e-3 * jnp.mean(repa ** 2)
 
-    grads = jax.jit(jax.grad(loss_fn))(params)
+    grads = jax.jit(jax.grad(functools.partial(loss_fn, remat=False)))(params)
+    grads_remat = jax.jit(jax.grad(functools.partial(loss_fn, remat=True)))(params)
     for path in (("encoder_layers", 0, "attention", "q", "kernel"), ("codebook",), ("patchify_kernel",),
                  ("diff", "blocks", 1, "adaLN", "kernel"), ("diff", "repa_out", 0, "kernel"),
                  ("decoder_layers", 0, "mlp", "fc1", "kernel")):
-        g = grads
+        g, gr = grads, grads_remat
         for k in path:
-            g = g[k]
+            g, gr = g[k], gr[k]
         assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).sum()) > 0, path
+        np.testing.assert_allclose(np.asarray(gr), np.asarray(g), rtol=1e-4, atol=1e-6)

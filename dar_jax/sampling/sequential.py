@@ -134,7 +134,7 @@ def _run(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state
     t = times[last]
     v = ev(x, t)
     preview, _ = S.step(solver, ev, x, v, hist, t, jnp.float32(1.0))
-    preview = preview / cfg.data_std
+    preview = postprocess(cfg, preview / cfg.data_std)
     if with_state:
         x, hist = S.step(solver, ev, x, v, hist, t, times[last + 1])
         return DecodeState(x, hist), preview
@@ -155,9 +155,9 @@ def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop,
     """Runs steps [start, stop) from ``state`` (at time point ``start``).
 
     kv: :func:`prepare` of the condition (only the windows of these steps must be final).
-    Returns (state at time point ``stop``, preview (B, H, W, 3) in data space): the preview is
+    Returns (state at time point ``stop``, preview (B, H', W', 3) in data space): the preview is
     the reference's ``clip_steps=stop`` image, i.e. step stop-1 jumping to t = 1 (for
-    ``stop == num_steps`` it is the final image). ``start``/``stop`` may be Python or traced
+    ``stop == num_steps`` it is the final image), resized to ``output_resolution`` if set. ``start``/``stop`` may be Python or traced
     ints: one compiled program serves every range.
     """
     num_steps = num_steps or cfg.num_denoising_steps
@@ -210,9 +210,8 @@ def postprocess(cfg: TokenizerConfig, images: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps"))
 def _decode(params, cond, x, start, stop, *, cfg, solver, num_steps):
     kv = bind(cfg, params).diff.prepare_cond(cond)
-    out = _run(params, kv, x, S.init_history(x), start, stop, cfg=cfg, solver=solver,
-               num_steps=num_steps, with_state=False)
-    return postprocess(cfg, out)
+    return _run(params, kv, x, S.init_history(x), start, stop, cfg=cfg, solver=solver,
+                num_steps=num_steps, with_state=False)
 
 
 def resolution(cfg: TokenizerConfig, size: int | Sequence[int] | None = None) -> tuple[int, int]:

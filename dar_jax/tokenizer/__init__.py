@@ -107,9 +107,9 @@ def check_codes(cfg: TokenizerConfig, codes) -> None:
 # ----------------------------------------------------------------------------------------------
 # encoder and quantizer
 # ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0)
-def _latents(cfg, params, images):
-    return bind(cfg, params).encode(images)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _latents(cfg, params, images, remat=False):
+    return bind(cfg, params).encode(images, remat=remat)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -124,29 +124,36 @@ def encode(cfg: TokenizerConfig, params, images, *, check_range: bool = False) -
     return _encode(cfg, params, jnp.asarray(images))
 
 
-def encode_latents(cfg: TokenizerConfig, params, images, *, check_range: bool = False) -> Quantized:
+def _remat(cfg: TokenizerConfig, remat: bool | None) -> bool:
+    return cfg.diff_decoder.grad_checkpointing if remat is None else bool(remat)
+
+
+def encode_latents(cfg: TokenizerConfig, params, images, *, check_range: bool = False,
+                   remat: bool | None = None) -> Quantized:
     """Training-facing encode: Quantized(quant (straight-through), codes, z_norm, z_q), each
-    (B, N, vq_dim) except codes; differentiable w.r.t. params."""
+    (B, N, vq_dim) except codes; differentiable w.r.t. params. ``remat`` (default: the config's
+    ``grad_checkpointing``) rematerialises the blocks in the backward pass."""
     check_images(cfg, images, check_range=check_range)
-    z = _latents(cfg, params, jnp.asarray(images))
+    z = _latents(cfg, params, jnp.asarray(images), _remat(cfg, remat))
     return quantizer.quantize(z, params["codebook"])
 
 
 # ----------------------------------------------------------------------------------------------
 # decoder layers
 # ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0)
-def _quant_to_cond(cfg, params, quant):
-    return bind(cfg, params).decoder_layers_forward(quant)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _quant_to_cond(cfg, params, quant, remat=False):
+    return bind(cfg, params).decoder_layers_forward(quant, remat=remat)
 
 
-def quant_to_cond(cfg: TokenizerConfig, params, quant: jax.Array) -> jax.Array:
+def quant_to_cond(cfg: TokenizerConfig, params, quant: jax.Array, *,
+                  remat: bool | None = None) -> jax.Array:
     """Causal decoder layers: quant (B, N', vq_dim) -> cond (B, N', decoder_dim), N' <= N.
     Causal, so cond[:, :k] depends only on quant[:, :k] (streaming, layout control)."""
     if quant.ndim != 3 or quant.shape[-1] != cfg.vq_dim or quant.shape[1] > cfg.num_all_queries:
         raise TokenizerInputError(f"quant must be (B, N <= {cfg.num_all_queries}, {cfg.vq_dim}), "
                                   f"got {quant.shape}")
-    return _quant_to_cond(cfg, params, quant)
+    return _quant_to_cond(cfg, params, quant, _remat(cfg, remat))
 
 
 def codes_to_quant(cfg: TokenizerConfig, params, codes, *, check: bool = True) -> jax.Array:
@@ -173,17 +180,19 @@ def codes_to_cond(cfg: TokenizerConfig, params, codes, *, check: bool = True) ->
 # diffusion network
 # ----------------------------------------------------------------------------------------------
 def velocity(cfg: TokenizerConfig, params, x_t: jax.Array, t: jax.Array, cond_group: jax.Array, *,
-             return_repa: bool = False):
+             return_repa: bool = False, remat: bool | None = None):
     """One evaluation of the diffusion network (pure; jit it, or call inside a jitted step).
 
     x_t: (B, H, W, 3) (flow space: data x std); t: (B,) shifted time in [0, 1];
     cond_group: (B, Lc, decoder_dim) condition window. Returns v (B, H, W, 3) float32, and with
     ``return_repa`` also the REPA projection (B, L', 768) of the hidden state entering block
-    ``repa_layer`` (pooled by rows // 16, at least 1; needs ``cfg.repa_projector``).
+    ``repa_layer`` (pooled by rows // 16, at least 1; needs ``cfg.repa_projector``). ``remat``
+    (default: the config's ``grad_checkpointing``) rematerialises blocks in the backward pass.
     """
     net = bind(cfg, params).diff
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
-    return net(x_t, t, net.prepare_cond(cond_group), return_repa=return_repa)
+    return net(x_t, t, net.prepare_cond(cond_group), return_repa=return_repa,
+               remat=_remat(cfg, remat))
 
 
 def cond_kv(cfg: TokenizerConfig, params, cond: jax.Array):

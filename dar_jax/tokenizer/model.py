@@ -283,9 +283,10 @@ class DiffusionCore(nnx.Module):
                 h = jax.nn.silu(h)
         return h.astype(jnp.float32)
 
-    def __call__(self, x, t, kv, *, return_repa: bool = False):
+    def __call__(self, x, t, kv, *, return_repa: bool = False, remat: bool = False):
         """Velocity. x: (B, H, W, 3) x_t (data scaled by std); t: (B,) shifted time;
-        kv: prepare_cond(cond group). Returns v (B, H, W, 3) float32 [, REPA (B, L', 768)]."""
+        kv: prepare_cond(cond group). Returns v (B, H, W, 3) float32 [, REPA (B, L', 768)].
+        ``remat``: rematerialise each block in the backward pass (training memory)."""
         dc = self.cfg.diff_decoder
         tok, grid = self.patchify(x)
         rope = self.rope(*grid)
@@ -294,7 +295,10 @@ class DiffusionCore(nnx.Module):
         for i, block in enumerate(self.blocks):
             if return_repa and i == dc.repa_layer:
                 repa = self.repa_features(tok, grid)
-            tok = block(tok, temb, kv[i], rope)
+            if remat:
+                tok = nnx.remat(lambda blk, x_, t_, kv_: blk(x_, t_, kv_, rope))(block, tok, temb, kv[i])
+            else:
+                tok = block(tok, temb, kv[i], rope)
         v = self.unpatchify(tok, temb, grid)
         if return_repa:
             if self.repa_out is None:
@@ -358,7 +362,7 @@ class Tokenizer(nnx.Module):
             q = self.query_linear(q)
         return q.astype(jnp.float32)
 
-    def encode(self, images):
+    def encode(self, images, *, remat: bool = False):
         """images: (B, H, W, 3) in [-1, 1] -> pre-quantisation latents (B, N, vq_dim) float32."""
         cfg = self.cfg
         dtype = cfg.compute_dtype
@@ -374,13 +378,14 @@ class Tokenizer(nnx.Module):
         x = jnp.concatenate([tok, q], axis=1)
         rope = self.encoder_rope(gh, gw)
         for layer in self.encoder_layers:
-            x = layer(x, mask="prefix_causal", prefix_len=gh * gw, rope=rope)
+            fn = lambda blk, x_: blk(x_, mask="prefix_causal", prefix_len=gh * gw, rope=rope)
+            x = nnx.remat(fn)(layer, x) if remat else fn(layer, x)
         z = norm(x[:, -cfg.num_all_queries:])
         return jnp.einsum("bnd,dk->bnk", z.astype(dtype), self.quant_in[...].astype(dtype),
                           preferred_element_type=jnp.float32)
 
     # --- decoder layers -----------------------------------------------------------------------------
-    def decoder_layers_forward(self, quant):
+    def decoder_layers_forward(self, quant, *, remat: bool = False):
         """quant: (B, N', vq_dim) (N' <= num_all_queries) -> cond (B, N', decoder_dim) float32."""
         dtype = self.cfg.compute_dtype
         n = quant.shape[1]
@@ -388,7 +393,8 @@ class Tokenizer(nnx.Module):
                        preferred_element_type=jnp.float32)
         x = x + self.decoder_embedding[...][:n]
         for layer in self.decoder_layers:
-            x = layer(x, mask="causal")
+            fn = lambda blk, x_: blk(x_, mask="causal")
+            x = nnx.remat(fn)(layer, x) if remat else fn(layer, x)
         return norm(x).astype(jnp.float32)
 
 
