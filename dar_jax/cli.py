@@ -10,12 +10,14 @@ def expected_errors() -> tuple[type, ...]:
     from dar_jax.checkpoint import CheckpointError
     from dar_jax.config import ConfigError
     from dar_jax.data import DataError
+    from dar_jax.evaluate import ImageInputError, MetricInputError, ShardError
     from dar_jax.pipeline import PipelineError
     from dar_jax.sampling import DecodeError, SolverError
     from dar_jax.tokenizer import TokenizerInputError
     from dar_jax.train.loop import TrainingDiverged
     return (ConfigError, CheckpointError, TrainingDiverged, DataError, SamplingError, PipelineError,
-            DecodeError, SolverError, TokenizerInputError, FileNotFoundError)
+            DecodeError, SolverError, TokenizerInputError, MetricInputError, ImageInputError,
+            ShardError, FileNotFoundError)
 
 
 def guarded_main(fn) -> int:

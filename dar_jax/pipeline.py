@@ -118,9 +118,21 @@ def noise_for(models: Models, keys: jax.Array, size: int | None = None) -> jax.A
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (h, w, 3), jnp.float32))(keys)
 
 
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] float images -> uint8 by clamp(127.5 x + 128) (truncation, as D-AR's sampler)."""
-    return np.clip(np.asarray(images, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
+def to_uint8(x):
+    """[-1, 1] images -> uint8 as D-AR saves samples: ``clamp(127.5 x + 128, 0, 255)``, truncated.
+
+    Works on NumPy and JAX arrays (returns the same kind).
+    """
+    if isinstance(x, jax.Array):
+        return jnp.clip(127.5 * x.astype(jnp.float32) + 128.0, 0.0, 255.0).astype(jnp.uint8)
+    return np.clip(127.5 * np.asarray(x, np.float32) + 128.0, 0.0, 255.0).astype(np.uint8)
+
+
+def keys_for(seed: int | jax.Array, indices) -> jax.Array:
+    """Per-sample keys for arbitrary sample indices (same as :func:`sample_keys` for a range)."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    idx = jnp.asarray(np.asarray(indices), jnp.uint32)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
 
 # ----------------------------------------------------------------------------------------------

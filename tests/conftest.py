@@ -16,6 +16,11 @@ REPO = TESTS.parent
 REFERENCE_DIR = pathlib.Path(os.environ.get("DAR_REFERENCE_FIXTURES",
                                             TESTS / "fixtures" / "dar_reference" / "tiny"))
 OFFICIAL_SHAPES = TESTS / "fixtures" / "official_param_shapes.json"
+# large fixtures read in place (../shared beside the clone, or set the variables)
+INCEPTION_DIR = pathlib.Path(os.environ.get("DAR_INCEPTION_FIXTURES",
+                                            REPO.parent / "shared" / "fixtures" / "inception"))
+PERCEPTUAL_DIR = pathlib.Path(os.environ.get("DAR_PERCEPTUAL_FIXTURES",
+                                             REPO.parent / "shared" / "fixtures" / "perceptual"))
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +28,14 @@ def ref_dir() -> pathlib.Path:
     if not (REFERENCE_DIR / "config.json").exists():
         pytest.fail(f"reference fixtures not found at {REFERENCE_DIR} (DAR_REFERENCE_FIXTURES)")
     return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def inception_dir() -> pathlib.Path:
+    if not INCEPTION_DIR.is_dir():
+        pytest.skip(f"Inception fixtures not found at {INCEPTION_DIR} (set DAR_INCEPTION_FIXTURES); "
+                    "they are large and read in place")
+    return INCEPTION_DIR
 
 
 @pytest.fixture(scope="session")

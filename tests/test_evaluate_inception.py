@@ -16,17 +16,12 @@ from dar_jax.checkpoint import CheckpointError
 from dar_jax.config import ConfigError
 from dar_jax.evaluate import inception as I
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-FIXTURES = pathlib.Path(os.environ.get("DAR_INCEPTION_FIXTURES",
-                                       REPO.parent / "shared" / "fixtures" / "inception"))
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def fixture_dir() -> pathlib.Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"Inception fixtures not found at {FIXTURES} (set DAR_INCEPTION_FIXTURES); "
-                    "they are generated with torch + pytorch-fid outside the repository")
-    return FIXTURES
+def fixture_dir(inception_dir) -> pathlib.Path:
+    return inception_dir
 
 
 @pytest.fixture(scope="module")

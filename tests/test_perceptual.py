@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 
 import torch_format
-from conftest import REPO
+from conftest import PERCEPTUAL_DIR, REPO
 from dar_jax.checkpoint import CheckpointError, load_torch_file
 from dar_jax.train import dinov2, lpips
 
-PERCEPTUAL_DIR = pathlib.Path(os.environ.get("DAR_PERCEPTUAL_FIXTURES",
-                                             REPO.parent / "shared" / "fixtures" / "perceptual"))
 RTOL = 1e-4
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import PERCEPTUAL_DIR, REPO
 from dar_jax.tokenizer import flow, quantizer
 from dar_jax.train import gan
 from dar_jax.train.tokenizer_task import entropy_loss, psnr, ssim
@@ -119,7 +119,7 @@ def test_missing_or_mismatched_weight_files_fail_before_training(tmp_path):
                       [f"perceptual.dinov2={tmp_path / 'nope.pth'}", "model.repa_projector=True"])
     with pytest.raises(CheckpointError, match="not found"):
         TokenizerTask(cfg)
-    perceptual = REPO.parent / "shared" / "fixtures" / "perceptual"
+    perceptual = PERCEPTUAL_DIR
     if perceptual.exists():
         cfg = load_config(str(REPO / "configs" / "tiny_tokenizer.py"),
                           [f"perceptual.lpips_vgg={perceptual / 'dinov2.pth'}",

@@ -147,11 +147,18 @@ def test_train_cli_reports_bad_input_in_one_line(tmp_path):
     assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_tiny_ar_config_learns_on_synthetic_shapes(tmp_path, model_dirs):
-    """configs/tiny_ar.py through the real input pipeline, tokenized on the fly."""
+def test_tiny_ar_config_learns_on_synthetic_shapes(tmp_path, model_dirs, inception_dir):
+    """configs/tiny_ar.py through the real input pipeline, tokenized on the fly, with the cheap
+    in-training FID / IS (fixture Inception weights) at the last step."""
     _, tokenizer_dir = model_dirs
     out, _ = run_worker({"task": "tiny_ar", "workdir": str(tmp_path / "w"), "steps": 60, "batch": 16,
-                         "overrides": [f"tokenizer.checkpoint={tokenizer_dir}"]})
+                         "overrides": [f"tokenizer.checkpoint={tokenizer_dir}", "train.eval_every_steps=60",
+                                       f"eval.inception={inception_dir / 'pt_inception_random.pth'}",
+                                       "eval.fid_num_samples=4", "eval.batch_size=4"]})
     losses = out["losses"]
     assert len(losses) == 60
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+    rows = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_inception_score" in r]
+    assert [r["step"] for r in evals] == [0, 60]
+    assert np.isfinite(evals[-1]["eval_inception_score"])

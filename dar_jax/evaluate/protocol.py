@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dar_jax.evaluate import metrics
+from dar_jax.pipeline import to_uint8  # noqa: F401  (re-exported: the protocol's conversion)
 
 MANIFEST = "manifest.json"
 LABELS = "labels.npy"
@@ -34,16 +35,6 @@ LABEL_MODES = ("random", "balanced")
 
 class ShardError(ValueError):
     """A shard directory or generated batch that does not fit the plan."""
-
-
-def to_uint8(x):
-    """[-1, 1] images -> uint8 as D-AR saves samples: ``clamp(127.5 x + 128, 0, 255)``, truncated.
-
-    Works on NumPy and JAX arrays (returns the same kind).
-    """
-    if isinstance(x, np.ndarray):
-        return np.clip(127.5 * x.astype(np.float32) + 128.0, 0.0, 255.0).astype(np.uint8)
-    return jnp.clip(127.5 * x.astype(jnp.float32) + 128.0, 0.0, 255.0).astype(jnp.uint8)
 
 
 def sample_labels(num_samples: int, num_classes: int, mode: str = "random", seed: int = 0) -> np.ndarray:

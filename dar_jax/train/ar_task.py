@@ -101,5 +101,29 @@ class ARTask(Task):
     def flops_per_example(self):
         return gpt_train_flops_per_example(self.model_cfg)
 
+    # --- evaluation: cheap FID / IS of samples (eval.fid_num_samples > 0) ------------------------
+    def evaluate(self, state, step, writer):
+        ev = self.cfg.eval
+        if not ev.fid_num_samples:
+            return {}
+        if self.tokenizer is None or not ev.inception:
+            raise ConfigError("eval.fid_num_samples needs tokenizer.checkpoint and eval.inception")
+        from dar_jax import pipeline
+        from dar_jax.evaluate.training import SmallFID
+        if getattr(self, "_fid", None) is None:
+            self._fid = SmallFID(ev.inception, ev.reference, ev.protocol)
+        _, tok_cfg, tok_params = self.tokenizer
+        params = jax.device_get(state["ema"] if "ema" in state else state["params"])
+        models = pipeline.make_models(self.model_cfg, params, tok_cfg, tok_params)
+        opts = pipeline.SampleOptions(cfg_scale=ev.cfg_scale, solver=ev.solver, num_steps=ev.steps or None)
+        n, bs = int(ev.fid_num_samples), int(ev.batch_size)
+        labels = np.arange(n) % self.model_cfg.num_classes
+        images = []
+        for s in range(0, n, bs):
+            idx = np.arange(s, s + bs)
+            res = pipeline.sample(models, labels[idx % n], pipeline.keys_for(int(self.cfg.train.seed), idx), opts)
+            images.append(np.asarray(pipeline.to_uint8(res.images)))
+        return self._fid(np.concatenate(images)[:n], prefix="eval_")
+
     def tokens_per_example(self):
         return self.model_cfg.block_size

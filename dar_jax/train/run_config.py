@@ -32,13 +32,17 @@ def base_config(task: str = "ar") -> ml_collections.ConfigDict:
                                                peak_tflops_per_device=0.0))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,
                                                    process_id=-1, cpu_collectives=""))
+    # optional cheap FID / IS every train.eval_every_steps (inception: pytorch-fid weights)
+    c.eval = ml_collections.ConfigDict(dict(
+        inception="", reference="", protocol="adm", fid_num_samples=0, cfg_scale="4.0",
+        solver="adams2", steps=0, batch_size=16))
     if task == "tokenizer":
         from dar_jax.train.tokenizer_task import GanConfig, LossConfig
         c.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
         c.gan = ml_collections.ConfigDict(dataclasses.asdict(GanConfig()))
         # weight files users already have; empty = that loss is off (logged once)
         c.perceptual = ml_collections.ConfigDict(dict(lpips_vgg="", lpips_heads="", dinov2=""))
-        c.eval = ml_collections.ConfigDict(dict(num_images=8, solver="adams2", steps=0))
+        c.eval.update(dict(num_images=8))   # held-out images for PSNR / SSIM / rFID / grids
         del c["tokenizer"]
     return c
 

@@ -294,6 +294,12 @@ class TokenizerTask(Task):
                "eval_ssim": float(jnp.mean(ssim(recon, images))),
                "eval_codebook_usage": float(len(np.unique(np.asarray(codes))) / cfg.vq_codebook_size),
                "eval_dead_code_rate": float(quantizer.dead_code_rate(codes))}
+        if ev.inception:  # cheap rFID / IS of the reconstructions against the originals
+            from dar_jax.evaluate.training import SmallFID
+            from dar_jax.pipeline import to_uint8
+            if getattr(self, "_fid", None) is None:
+                self._fid = SmallFID(ev.inception, "", ev.protocol)
+            out.update(self._fid(np.asarray(to_uint8(recon)), np.asarray(to_uint8(images)), prefix="eval_recon_"))
         if jax.process_index() == 0 and self.workdir:
             previews = [tok.decode(cfg, params, codes[:1], key, solver=ev.solver, num_steps=steps,
                                    preview_groups=g, size=images.shape[1:3])
