@@ -157,8 +157,8 @@ def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop,
     kv: :func:`prepare` of the condition (only the windows of these steps must be final).
     Returns (state at time point ``stop``, preview (B, H', W', 3) in data space): the preview is
     the reference's ``clip_steps=stop`` image, i.e. step stop-1 jumping to t = 1 (for
-    ``stop == num_steps`` it is the final image), resized to ``output_resolution`` if set. ``start``/``stop`` may be Python or traced
-    ints: one compiled program serves every range.
+    ``stop == num_steps`` it is the final image), resized to ``output_resolution`` if set.
+    ``start``/``stop`` may be Python or traced ints: one compiled program serves every range.
     """
     num_steps = num_steps or cfg.num_denoising_steps
     solver = S.canonical(solver)
