@@ -30,7 +30,6 @@ from dar_jax.nn.rope import apply_rope, concat_tables, identity_table, rope_2d_t
 from dar_jax.tokenizer.config import (HEAD_DIM, LOW_RANK, QUERY_TABLE, REPA_HIDDEN, REPA_OUT,
                                       ROPE_AXES, TokenizerConfig)
 
-PATCH, CODES = "patch", "codes"
 
 
 def torch_default(fan_in: int):
