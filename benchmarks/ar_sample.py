@@ -11,7 +11,6 @@ measured memory bandwidth, and (optionally) the PyTorch reference (GPT-B, batch 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 

@@ -33,13 +33,16 @@ def add_reference_args(ap: argparse.ArgumentParser) -> None:
 
 
 def time_reference(args, job: str, batch: int, model: str | None = None, timeout: int = 3600) -> float | None:
-    """Seconds per call of the reference on ``job`` (None when not configured or failing)."""
+    """Seconds per call of the reference on ``job`` (None when not configured or failing).
+    Idle-machine figures of shared/bench/README.md: encode 3.30, decode 55.2, gpt_sample (GPT-B)
+    40.1, gpt_train (GPT-B) 13.7 seconds."""
     if not args.reference_python or not args.reference_dir:
         return None
     cmd = [args.reference_python, args.reference_script, job, "--batch", str(batch)]
     if model:
         cmd += ["--model", model]
     env = {**os.environ, "PYTHONPATH": args.reference_dir}
+    print(f"# reference: {' '.join(cmd)} (cwd {args.reference_dir})", flush=True)
     try:
         res = subprocess.run(cmd, cwd=args.reference_dir, env=env, capture_output=True, text=True,
                              timeout=timeout)
@@ -53,16 +56,22 @@ def time_reference(args, job: str, batch: int, model: str | None = None, timeout
     return float(json.loads(lines[-1])["seconds"])
 
 
-def timeit(fn, reps: int = 3, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
+def timed(fn, reps: int = 3) -> tuple[float, float]:
+    """(median seconds, first-call seconds incl. compilation) of ``fn()``, blocked on its result."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        fn()
+        jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), first
+
+
+def timeit(fn, reps: int = 3) -> float:
+    """Median seconds of ``fn()`` after one warm-up call."""
+    return timed(fn, reps)[0]
 
 
 def memory_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:

@@ -27,8 +27,6 @@ import dataclasses
 import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import time
 
@@ -36,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dar_jax import sampling, tokenizer as T
-from dar_jax.sampling import sequential as SEQ
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
-REFERENCE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
-                                "bench", "bench_reference.py")
+from dar_jax import sampling, tokenizer as T  # noqa: E402
+from dar_jax.sampling import sequential as SEQ  # noqa: E402
+
 REFERENCE_IDLE = {"decode": 55.2, "encode": 3.30}     # shared/bench/README.md, idle machine
 
 
@@ -58,19 +57,6 @@ def random_params(cfg, seed: int = 0):
         return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in))
 
     return jax.tree_util.tree_map_with_path(draw, T.abstract_params(cfg))
-
-
-def timed(fn, reps: int):
-    """(median seconds, first-call seconds) of fn() (blocked), after one warm-up call."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), first
 
 
 def mib(compiled) -> float:
@@ -92,18 +78,6 @@ def encode_memory(cfg, params, images):
     return mib(T._encode.lower(cfg, params, images).compile())
 
 
-def run_reference(python: str, ref_dir: str, script: str, job: str, batch: int) -> dict | None:
-    cmd = [python, script, job, "--batch", str(batch)]
-    env = dict(os.environ, PYTHONPATH=ref_dir)
-    print(f"# reference: {' '.join(cmd)} (cwd {ref_dir})", flush=True)
-    res = subprocess.run(cmd, cwd=ref_dir, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        print(f"# reference {job} failed:\n{res.stderr[-2000:]}", flush=True)
-        return None
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")][-1]
-    return json.loads(line)
-
-
 def g(x: float) -> str:
     """4 significant digits."""
     return f"{x:.4g}"
@@ -123,9 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="decode steps (default: the config's)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per row (default 3; quick 2)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the solver accuracy section")
-    ap.add_argument("--reference-python", default=None)
-    ap.add_argument("--reference-dir", default=None)
-    ap.add_argument("--reference-script", default=REFERENCE_SCRIPT)
+    common.add_reference_args(ap)
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
 
@@ -159,8 +131,8 @@ def main(argv=None) -> int:
             images = jax.random.uniform(k1, (b, size, size, 3), minval=-1, maxval=1)
             codes = jax.random.randint(k2, (b, n_tok), 0, cfg.vq_codebook_size)
             noise = jax.random.normal(k3, (b, size, size, 3))
-            enc_s, _ = timed(lambda: T.encode(cfg, params, images), reps)
-            dec_s, dec_first = timed(lambda: T.decode(cfg, params, codes, noise, solver="adams2",
+            enc_s, _ = common.timed(lambda: T.encode(cfg, params, images), reps)
+            dec_s, dec_first = common.timed(lambda: T.decode(cfg, params, codes, noise, solver="adams2",
                                                       num_steps=steps), reps)
             r = dict(kind="throughput", dtype=dtype, batch=b, encode_s=enc_s, decode_s=dec_s,
                      encode_mib=encode_memory(cfg, params, images),
@@ -183,7 +155,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(base, dtype=dtype)
         for s in solvers:
             evals = steps * sampling.EVALS_PER_STEP[s]
-            sec, _ = timed(lambda: T.decode(cfg, params, codes, noise, solver=s, num_steps=steps), reps)
+            sec, _ = common.timed(lambda: T.decode(cfg, params, codes, noise, solver=s, num_steps=steps), reps)
             results["rows"].append(dict(kind="solver", dtype=dtype, batch=b, solver=s, evals=evals, decode_s=sec))
             print(row((dtype, s, evals, g(sec), g(b / sec), g(sec / evals)), widths2), flush=True)
 
@@ -211,15 +183,16 @@ def main(argv=None) -> int:
         print("\n## PyTorch reference on this machine (float32)")
         ours = {(r["batch"]): r for r in results["rows"] if r["kind"] == "throughput" and r["dtype"] == "float32"}
         for job, batch in (("decode", 2), ("encode", 4)):
-            ref = run_reference(a.reference_python, a.reference_dir, a.reference_script, job, batch)
-            if ref is None:
+            ref_s = common.time_reference(a, job, batch)
+            if ref_s is None:
                 continue
+            ref = {"seconds": ref_s}
             mine = None
             if job == "decode" and batch in ours and steps == 8 and not a.quick:
                 mine = ours[batch]["decode_s"]
             elif job == "encode" and not a.quick:
                 images = jax.random.uniform(jax.random.key(5), (batch, size, size, 3), minval=-1, maxval=1)
-                mine, _ = timed(lambda: T.encode(base, params, images), reps)
+                mine, _ = common.timed(lambda: T.encode(base, params, images), reps)
             ratio = f"{ref['seconds'] / mine:.2f}x" if mine else "n/a (quick run or other sizes)"
             results["rows"].append(dict(kind="reference", job=job, batch=batch, reference_s=ref["seconds"],
                                         dar_jax_s=mine))

@@ -20,7 +20,6 @@ import numpy as np
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from dar_jax import ar  # noqa: E402
 from dar_jax.train.ar_task import ARTask, gpt_train_flops_per_example  # noqa: E402
 from dar_jax.train.optim import make_optimizer  # noqa: E402
 from dar_jax.train.run_config import base_config  # noqa: E402
@@ -74,7 +73,6 @@ def main():
                     row["mfu"] = flops / sec / (args.peak_tflops * 1e12 * jax.device_count())
                 rows.append(row)
                 print(row, flush=True)
-                del holder, state
     print()
     common.print_table(rows, ["model", "dtype", "batch", "seconds_per_step", "steps_per_s", "tokens_per_s",
                               "step_tflop", "gflops_per_s", "mfu"])

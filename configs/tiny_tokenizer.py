@@ -11,7 +11,7 @@ def get_config():
         encoder_patch_size=4, num_encoder_layers=2, num_decoder_layers=2, query_low_rank=True,
         encoder_dim=128, decoder_dim=128, vq_dim=8, vq_codebook_size=64, num_denoising_steps=4,
         num_query_groups=4, num_all_queries=32, queries_per_step=8, vq_enable=True,
-        sampling_resolution=32,
+        sampling_resolution=32, adaln_init_std=0.02,
         diff_decoder=dict(in_dim=3, out_dim=3, dim=128, cond_dim=128, patch_size=4, depth=2,
                           data_std=0.6, time_shift=2.0, mlp_head=False, share_time_encoding=False)))
     c.data.update(dict(kind="synthetic", image_size=32, num_classes=10))

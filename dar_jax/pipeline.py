@@ -16,8 +16,7 @@ equal.
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,6 @@ import numpy as np
 
 from dar_jax import ar, sampling
 from dar_jax import tokenizer as tok
-from dar_jax.config import ConfigError
 
 
 class PipelineError(ValueError):
@@ -75,7 +73,7 @@ def load_models(gpt: str, tokenizer: str, *, gpt_size: str | None = None,
                 num_classes: int = 1000) -> Models:
     """Loads both models from dar-jax model directories (trainer exports or converted files) or
     from the reference's ``.pt`` files, converted on the fly (a GPT .pt needs ``gpt_size``)."""
-    from dar_jax.checkpoint import CheckpointError, load_model, load_torch_file, reference
+    from dar_jax.checkpoint import load_model, load_torch_file, reference
     from dar_jax.checkpoint.convert import gpt_config_for_file
     if str(tokenizer).endswith((".pt", ".pth")):
         tok_cfg, tok_params = tok.load_reference_tokenizer(tokenizer, keep_repa=False)

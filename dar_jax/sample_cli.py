@@ -5,7 +5,6 @@ import argparse
 import math
 import os
 import pathlib
-import sys
 import time
 
 import numpy as np

@@ -11,6 +11,8 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+pytest_plugins = ["conftest_tokenizer"]  # tokenizer fixtures (parametrised over fixture sets)
+
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
 REFERENCE_DIR = pathlib.Path(os.environ.get("DAR_REFERENCE_FIXTURES",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 
 import jax
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 import torch_format
-from conftest import PERCEPTUAL_DIR, REPO
+from conftest import PERCEPTUAL_DIR
 from dar_jax.checkpoint import CheckpointError, load_torch_file
 from dar_jax.train import dinov2, lpips
 

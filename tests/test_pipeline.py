@@ -1,15 +1,12 @@
 """End-to-end sampling: pipeline, streaming previews, layout control, sample.py."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import REPO

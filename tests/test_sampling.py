@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest_tokenizer import tok_default  # noqa: F401  (session fixture)
 from dar_jax import sampling, tokenizer as T
 
 X0 = jnp.array([0.5, 1.0, 2.0, -0.3], jnp.float32)

@@ -15,7 +15,6 @@ import pytest
 
 import torch_format
 from conftest import OFFICIAL_SHAPES
-from conftest_tokenizer import tok_case, tok_default  # noqa: F401  (session fixtures)
 from dar_jax import sampling, tokenizer as T
 from dar_jax.sampling import sequential as SEQ
 from dar_jax.checkpoint import CheckpointError, load_model, load_torch_file

@@ -8,29 +8,16 @@
 from __future__ import annotations
 
 import jax
-from flax import nnx
 
-from dar_jax.ar.generation import (CfgSchedule, GenState, Generation, SamplingError, filter_logits, generate, prepare,
-                                 parse_cfg_scale, sample_keys)
-from dar_jax.ar.model import GPT, GPT_SIZES, GPTConfig, bind, gpt_config, graphdef_and_abstract
-
-
-def init_params(cfg: GPTConfig, key: jax.Array):
-    """Freshly initialised parameters (pure dict pytree, float32)."""
-    model = GPT(cfg, rngs=nnx.Rngs(params=key))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+from dar_jax.ar.generation import (CfgSchedule, GenState, Generation, SamplingError, filter_logits,
+                                   generate, parse_cfg_scale, prepare, sample_keys)
+from dar_jax.ar.model import (GPT, GPT_FN, GPT_SIZES, GPTConfig, bind, gpt_config,
+                              graphdef_and_abstract)
 
 
-def abstract_params(cfg: GPTConfig):
-    """ShapeDtypeStruct pytree of the parameters (nothing allocated)."""
-    _, state = graphdef_and_abstract(cfg)
-    return nnx.to_pure_dict(state)
-
-
-def logical_axes(cfg: GPTConfig):
-    """Pytree (like the params) of logical axis-name tuples for the sharding rules."""
-    _, state = graphdef_and_abstract(cfg)
-    return nnx.to_pure_dict(nnx.get_partition_spec(state))
+init_params = GPT_FN.init_params          # (cfg, key) -> params (pure dict, float32)
+abstract_params = GPT_FN.abstract_params  # (cfg) -> ShapeDtypeStruct pytree
+logical_axes = GPT_FN.logical_axes        # (cfg) -> logical axis names, like the params
 
 
 def forward(cfg: GPTConfig, params, tokens: jax.Array, labels: jax.Array, *,

@@ -9,7 +9,6 @@ the token index, so a sample's tokens do not depend on its batch or device.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple, Sequence
 
 import jax

@@ -9,7 +9,6 @@ the definition.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -19,6 +18,7 @@ from flax import nnx
 from dar_jax.config import ConfigError
 from dar_jax.nn.attention import attention
 from dar_jax.nn import layers as L
+from dar_jax.nn.functional import Functional
 from dar_jax.nn.rope import apply_rope, rope_1d_table
 
 GPT_SIZES = {
@@ -230,14 +230,6 @@ class GPT(nnx.Module):
         return self.head(x), tuple(new_cache)
 
 
-@functools.lru_cache(maxsize=None)
-def graphdef_and_abstract(cfg: GPTConfig):
-    """(graphdef, abstract State) of the model for ``cfg``, without allocating weights."""
-    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(model)
-
-
-def bind(cfg: GPTConfig, params) -> GPT:
-    """The module for ``cfg`` holding ``params`` (a pure dict pytree); cheap inside jit."""
-    graphdef, _ = graphdef_and_abstract(cfg)
-    return nnx.merge(graphdef, params)
+GPT_FN = Functional(GPT)
+graphdef_and_abstract = GPT_FN.graphdef_and_abstract
+bind = GPT_FN.bind  # bind(cfg, params) -> GPT: the module holding params (cheap inside jit)

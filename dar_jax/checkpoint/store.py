@@ -127,7 +127,6 @@ def read_model_meta(path: str) -> dict:
 
 def restore_params(directory: str, abstract, where: str, shardings=None):
     """Restores a params pytree shaped like ``abstract``, checking keys and shapes first."""
-    import orbax.checkpoint as ocp
     ck = _checkpointer()
     try:
         meta = ck.metadata(os.path.abspath(directory)).item_metadata.tree

@@ -150,7 +150,6 @@ def _settings(args, keys) -> dict:
 
 def run(args) -> dict:
     from dar_jax import pipeline
-    from dar_jax import tokenizer as tok
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     params = ev.load_inception(args.inception)

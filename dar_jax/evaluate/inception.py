@@ -36,6 +36,7 @@ from dar_jax.checkpoint import mapping as M
 from dar_jax.checkpoint.torch_pickle import find_state_dict, load_torch_file
 from dar_jax.config import ConfigError
 from dar_jax.nn import layers as L
+from dar_jax.nn.functional import Functional
 
 POOL3_DIM = 2048
 NUM_LOGITS = 1008
@@ -301,10 +302,7 @@ class FIDInception(nnx.Module):
 
 # ----------------------------------------------------------------------------- functional API
 
-@functools.lru_cache(maxsize=None)
-def _graphdef_and_abstract():
-    model = nnx.eval_shape(lambda: FIDInception(rngs=nnx.Rngs(0)))
-    return nnx.split(model)
+INCEPTION_FN = Functional(FIDInception)   # no config: cfg=None
 
 
 def init_params(key: jax.Array):
@@ -332,12 +330,12 @@ def init_params(key: jax.Array):
 
 def abstract_params():
     """ShapeDtypeStruct pytree of the parameters (nothing allocated)."""
-    return nnx.to_pure_dict(_graphdef_and_abstract()[1])
+    return INCEPTION_FN.abstract_params()
 
 
 def bind(params) -> FIDInception:
     """The module holding ``params``; cheap inside jit."""
-    return nnx.merge(_graphdef_and_abstract()[0], params)
+    return INCEPTION_FN.bind(None, params)
 
 
 def forward(cfg: InceptionConfig, params, images: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -22,7 +22,6 @@ import zipfile
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dar_jax.evaluate import metrics

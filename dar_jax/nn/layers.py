@@ -6,7 +6,7 @@ Parameters are float32 and carry logical axis names (``nnx.with_partitioning``) 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

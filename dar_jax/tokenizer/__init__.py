@@ -22,7 +22,7 @@ from flax import nnx
 from dar_jax.tokenizer import flow, quantizer
 from dar_jax.tokenizer.config import (DiffDecoderConfig, ImageSizeError, TokenizerConfig,
                                       TokenizerInputError, tiny_config, tokenizer_config)
-from dar_jax.tokenizer.model import Tokenizer, bind, graphdef_and_abstract
+from dar_jax.tokenizer.model import TOKENIZER_FN, Tokenizer, bind, graphdef_and_abstract
 from dar_jax.tokenizer.quantizer import Quantized
 
 
@@ -37,27 +37,9 @@ class CodeRangeError(TokenizerInputError):
 # ----------------------------------------------------------------------------------------------
 # parameters
 # ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0)
-def _init(cfg, key):
-    model = Tokenizer(cfg, rngs=nnx.Rngs(params=key))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def init_params(cfg: TokenizerConfig, key: jax.Array):
-    """Freshly initialised parameters (pure dict pytree, float32; one compiled program)."""
-    return _init(cfg, key)
-
-
-def abstract_params(cfg: TokenizerConfig):
-    """ShapeDtypeStruct pytree of the parameters (nothing allocated)."""
-    _, state = graphdef_and_abstract(cfg)
-    return nnx.to_pure_dict(state)
-
-
-def logical_axes(cfg: TokenizerConfig):
-    """Pytree (like the params) of logical axis-name tuples for the sharding rules."""
-    _, state = graphdef_and_abstract(cfg)
-    return nnx.to_pure_dict(nnx.get_partition_spec(state))
+init_params = TOKENIZER_FN.init_params          # (cfg, key) -> params (pure dict, float32)
+abstract_params = TOKENIZER_FN.abstract_params  # (cfg) -> ShapeDtypeStruct pytree
+logical_axes = TOKENIZER_FN.logical_axes        # (cfg) -> logical axis names, like the params
 
 
 def num_params(cfg: TokenizerConfig) -> int:

@@ -87,6 +87,11 @@ class TokenizerConfig:
     dtype: str = "float32"                  # compute dtype; parameters are always float32
     attention_impl: str = "auto"            # see dar_jax.nn.attention
     repa_projector: bool = False            # create the REPA projector (training with REPA)
+    # initialisation for training from scratch (no effect on loaded weights): the std of the SiT
+    # blocks' adaLN modulation weights. 0 = zero init as the reference (DiT style); small runs
+    # need a little (e.g. 0.02): with zero the condition reaches the loss only through products
+    # of zero-initialised weights, and the codes collapse to one per position for a long time.
+    adaln_init_std: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.diff_decoder, Mapping):

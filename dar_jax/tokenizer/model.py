@@ -16,7 +16,6 @@ channel-first transpose. The public API is functional (``dar_jax.tokenizer``); s
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dar_jax.nn import layers as L
+from dar_jax.nn.functional import Functional
 from dar_jax.nn.attention import attention
 from dar_jax.nn.rope import apply_rope, concat_tables, identity_table, rope_2d_table
 from dar_jax.tokenizer.config import (HEAD_DIM, LOW_RANK, QUERY_TABLE, REPA_HIDDEN, REPA_OUT,
@@ -138,13 +138,13 @@ class TimestepEmbedder(nnx.Module):
 
 
 class SiTBlock(nnx.Module):
-    def __init__(self, dim: int, share_time: bool, *, rngs, dtype, impl):
+    def __init__(self, dim: int, share_time: bool, *, rngs, dtype, impl, adaln_init_std: float = 0.0):
         self.dim = dim
         self.attention = Attention(dim, rngs=rngs, dtype=dtype, impl=impl)
         self.cross_attn = Attention(dim, rngs=rngs, dtype=dtype, impl=impl)
         self.mlp = L.Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
         self.adaLN = L.linear(dim, 6 * dim, (L.EMBED, L.MLP), rngs=rngs, dtype=dtype,
-                              kernel_init=L.zeros)
+                              kernel_init=L.normal(adaln_init_std) if adaln_init_std else L.zeros)
         self.time_embed = None if share_time else TimestepEmbedder(dim, rngs=rngs, dtype=dtype)
         self.cond_embed = L.Mlp(dim, dim, rngs=rngs, dtype=dtype)
         self.impl = impl
@@ -196,7 +196,8 @@ class DiffusionCore(nnx.Module):
         self.conv_in_kernel = L.param(torch_default(fan)(rngs.params(), (p, p, 3, d)),
                                       (None, None, None, L.EMBED))
         self.conv_in_bias = L.param(torch_default(fan)(rngs.params(), (d,)), (L.EMBED,))
-        self.blocks = nnx.List([SiTBlock(d, dc.share_time_encoding, rngs=rngs, dtype=dtype, impl=impl)
+        self.blocks = nnx.List([SiTBlock(d, dc.share_time_encoding, rngs=rngs, dtype=dtype, impl=impl,
+                                             adaln_init_std=cfg.adaln_init_std)
                                 for _ in range(dc.depth)])
         if dc.mlp_head:
             self.final = FinalLayer(d, p, rngs=rngs, dtype=dtype)
@@ -397,14 +398,6 @@ class Tokenizer(nnx.Module):
         return norm(x).astype(jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def graphdef_and_abstract(cfg: TokenizerConfig):
-    """(graphdef, abstract State) of the tokenizer for ``cfg``, without allocating weights."""
-    model = nnx.eval_shape(lambda: Tokenizer(cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(model)
-
-
-def bind(cfg: TokenizerConfig, params) -> Tokenizer:
-    """The module for ``cfg`` holding ``params`` (pure dict pytree); cheap inside jit."""
-    graphdef, _ = graphdef_and_abstract(cfg)
-    return nnx.merge(graphdef, params)
+TOKENIZER_FN = Functional(Tokenizer)
+graphdef_and_abstract = TOKENIZER_FN.graphdef_and_abstract
+bind = TOKENIZER_FN.bind  # bind(cfg, params) -> Tokenizer: the module holding params (cheap inside jit)

@@ -5,8 +5,6 @@ from images by a frozen tokenizer inside the compiled step (``tokenizer.checkpoi
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -13,7 +13,6 @@ import logging
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from dar_jax.checkpoint.torch_pickle import CheckpointError

@@ -15,7 +15,6 @@ Images inside dar-jax are NHWC in [-1, 1]; ``repa_preprocess`` maps them to the 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from dar_jax.checkpoint import mapping as M
 from dar_jax.checkpoint.torch_pickle import CheckpointError, find_state_dict, load_torch_file
 from dar_jax.config import ConfigError, from_mapping
 from dar_jax.nn import layers as L
+from dar_jax.nn.functional import Functional
 from dar_jax.nn.attention import attention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -256,28 +256,12 @@ class DinoV2(nnx.Module):
         return self.norm(x)
 
 
-@functools.lru_cache(maxsize=None)
-def graphdef_and_abstract(cfg: DinoV2Config):
-    """(graphdef, abstract State) of the network for ``cfg``, without allocating weights."""
-    return nnx.split(nnx.eval_shape(lambda: DinoV2(cfg, rngs=nnx.Rngs(0))))
-
-
-def bind(cfg: DinoV2Config, params) -> DinoV2:
-    graphdef, _ = graphdef_and_abstract(cfg)
-    return nnx.merge(graphdef, params)
-
-
-def init_params(cfg: DinoV2Config, key: jax.Array):
-    """Random parameters (pure dict pytree, float32): for tests and benchmarks without weights."""
-    return nnx.to_pure_dict(nnx.state(DinoV2(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
-
-
-def abstract_params(cfg: DinoV2Config):
-    return nnx.to_pure_dict(graphdef_and_abstract(cfg)[1])
-
-
-def logical_axes(cfg: DinoV2Config):
-    return nnx.to_pure_dict(nnx.get_partition_spec(graphdef_and_abstract(cfg)[1]))
+DINOV2_FN = Functional(DinoV2)
+graphdef_and_abstract = DINOV2_FN.graphdef_and_abstract
+bind = DINOV2_FN.bind
+init_params = DINOV2_FN.init_params          # random weights: tests and benchmarks
+abstract_params = DINOV2_FN.abstract_params
+logical_axes = DINOV2_FN.logical_axes
 
 
 def forward_features(cfg: DinoV2Config, params, images: jax.Array) -> dict[str, jax.Array]:

@@ -10,13 +10,13 @@ Losses are non-saturating; the discriminator loss may be weighted by t as the re
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dar_jax.nn import layers as L
+from dar_jax.nn.functional import Functional
 from dar_jax.tokenizer.model import timestep_embedding
 
 
@@ -82,17 +82,12 @@ class PatchDiscriminator(nnx.Module):
         return self.last(h).astype(jnp.float32)
 
 
-def init_params(cfg: DiscriminatorConfig, key):
-    return nnx.to_pure_dict(nnx.state(PatchDiscriminator(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
-
-
-@functools.lru_cache(maxsize=None)
-def _graphdef(cfg: DiscriminatorConfig):
-    return nnx.split(nnx.eval_shape(lambda: PatchDiscriminator(cfg, rngs=nnx.Rngs(0))))[0]
+DISCRIMINATOR_FN = Functional(PatchDiscriminator)
+init_params = DISCRIMINATOR_FN.init_params
 
 
 def apply(cfg: DiscriminatorConfig, params, images, t):
-    return nnx.merge(_graphdef(cfg), params)(images, t)
+    return DISCRIMINATOR_FN.bind(cfg, params)(images, t)
 
 
 def d_loss(logits_real, logits_fake, weight=None):

@@ -13,7 +13,6 @@ the parameters are frozen by the caller (``stop_gradient`` / not in the optimize
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -24,6 +23,7 @@ from flax import nnx
 from dar_jax.checkpoint import mapping as M
 from dar_jax.checkpoint.torch_pickle import find_state_dict, load_torch_file
 from dar_jax.nn import layers as L
+from dar_jax.nn.functional import Functional
 
 # torchvision VGG16 ``features``: conv layer indices per stage; a 2x2 max pool precedes stages
 # 2..5, every conv is followed by ReLU, and each stage's last ReLU is an LPIPS tap.
@@ -96,23 +96,21 @@ def _unit_channels(x):
     return x / (jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)) + NORM_EPS)
 
 
-@functools.lru_cache(maxsize=None)
-def graphdef_and_abstract():
-    return nnx.split(nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0))))
+LPIPS_FN = Functional(LPIPS)   # no config: pass cfg=None
 
 
 def init_params(key: jax.Array):
     """Random parameters (pure dict pytree, float32): for tests and benchmarks without weights."""
-    return nnx.to_pure_dict(nnx.state(LPIPS(rngs=nnx.Rngs(params=key)), nnx.Param))
+    return LPIPS_FN.init_params(None, key)
 
 
 def abstract_params():
-    return nnx.to_pure_dict(graphdef_and_abstract()[1])
+    return LPIPS_FN.abstract_params()
 
 
 def logical_axes():
     """All None: the frozen network is small and replicated."""
-    return nnx.to_pure_dict(nnx.get_partition_spec(graphdef_and_abstract()[1]))
+    return LPIPS_FN.logical_axes()
 
 
 def lpips(params, x0: jax.Array, x1: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -122,8 +120,7 @@ def lpips(params, x0: jax.Array, x1: jax.Array, dtype=jnp.float32) -> jax.Array:
     """
     if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
         raise ValueError(f"LPIPS needs two (B, H, W, 3) images of one shape; got {x0.shape}, {x1.shape}")
-    graphdef, _ = graphdef_and_abstract()
-    return nnx.merge(graphdef, params)(x0, x1, dtype)
+    return LPIPS_FN.bind(None, params)(x0, x1, dtype)
 
 
 # --- weight files ---------------------------------------------------------------------------------

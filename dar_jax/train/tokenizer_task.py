@@ -24,7 +24,6 @@ from dar_jax.config import ConfigError, as_plain, from_mapping
 from dar_jax.tokenizer import flow, quantizer
 from dar_jax.train import gan
 from dar_jax.train.loop import Task
-from dar_jax.train.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +92,9 @@ class LossConfig:
     # reference has no such phase (0 = off). Small CPU runs need it: at initialisation the
     # encoder's queries carry almost no image information and every image gets the same codes.
     vq_warmup_steps: int = 0
+    # dar-jax: every N steps, codes absent from the usage buffer (the recent codes) are moved
+    # onto random latents of the current batch ("random restart"); 0 = off, as the reference
+    dead_code_restart_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +211,7 @@ class TokenizerTask(Task):
             on = (step >= self.gan_cfg.start_step).astype(jnp.float32)
             total = total + on * self.gan_cfg.weight * adv
             metrics["gen_adv_loss"] = adv
-        return total, (metrics, q.codes, fake)
+        return total, (metrics, q.codes, fake, q.z_norm)
 
     def train_step(self, state, batch, consts, *, tx, ema_decay):
         cfg = self.model_cfg
@@ -220,10 +222,17 @@ class TokenizerTask(Task):
         fb = flow.sample_flow_batch(cfg, images, k_flow)
         extra = dict(state["extra"])
         disc = extra.get("disc")
-        (loss, (metrics, codes, fake)), grads = jax.value_and_grad(self.losses, has_aux=True)(
+        (loss, (metrics, codes, fake, z_norm)), grads = jax.value_and_grad(self.losses, has_aux=True)(
             state["params"], images, fb, consts, disc, step)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        every = self.loss_cfg.dead_code_restart_every
+        if every:
+            restart = (step + 1) % every == 0
+            if self.loss_cfg.vq_warmup_steps:
+                restart &= step >= self.loss_cfg.vq_warmup_steps
+            params = dict(params, codebook=restart_dead_codes(
+                params["codebook"], extra["usage"], z_norm, jax.random.fold_in(key, 7), restart))
         new = dict(state, params=params, opt_state=opt_state, step=step + 1)
         if ema_decay > 0:
             new["ema"] = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state["ema"], params)
@@ -311,6 +320,17 @@ class TokenizerTask(Task):
             writer.write_images(step, "eval/reconstructions", grid)
             writer.write_images(step, "eval/previews", strip)
         return out
+
+
+def restart_dead_codes(codebook, usage_buffer, z_norm, key, apply):
+    """Codebook rows absent from the usage buffer moved onto random latents z_norm (B, N, K) of
+    the batch (where ``apply``); entries outside the codebook in the buffer are ignored."""
+    size = codebook.shape[0]
+    seen = jnp.zeros((size,), jnp.bool_).at[usage_buffer].set(True, mode="drop")
+    flat = z_norm.reshape(-1, z_norm.shape[-1])
+    pick = jax.random.randint(key, (size,), 0, flat.shape[0])
+    new = jnp.where((~seen)[:, None], jax.lax.stop_gradient(flat[pick]).astype(codebook.dtype), codebook)
+    return jnp.where(apply, new, codebook)
 
 
 def quantizer_usage_len() -> int:
