@@ -18,6 +18,7 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -106,3 +107,20 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def random_params(abstract, seed: int = 0):
+    """Random weights for an abstract params pytree, drawn with NumPy as the parity fixtures do
+    (matrices N(0, 1/fan_in), vectors small): fast, and no output layer is zero."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
+        shape = leaf.shape
+        if len(shape) == 1:
+            base = 1.0 if name == "scale" else 0.0
+            return jnp.asarray(base + 0.1 * rng.standard_normal(shape, dtype=np.float32))
+        fan_in = int(np.prod(shape[:-1]))
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in))
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)

@@ -32,7 +32,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -41,22 +40,6 @@ from dar_jax import sampling, tokenizer as T  # noqa: E402
 from dar_jax.sampling import sequential as SEQ  # noqa: E402
 
 REFERENCE_IDLE = {"decode": 55.2, "encode": 3.30}     # shared/bench/README.md, idle machine
-
-
-def random_params(cfg, seed: int = 0):
-    """Every parameter drawn as the parity fixtures do (matrices N(0, 1/fan_in), vectors small)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
-        shape = leaf.shape
-        if len(shape) == 1:
-            base = 1.0 if name == "scale" else 0.0
-            return jnp.asarray(base + 0.1 * rng.standard_normal(shape, dtype=np.float32))
-        fan_in = int(np.prod(shape[:-1]))
-        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in))
-
-    return jax.tree_util.tree_map_with_path(draw, T.abstract_params(cfg))
 
 
 def mib(compiled) -> float:
@@ -114,7 +97,7 @@ def main(argv=None) -> int:
     print(f"# tokenizer: {'tiny (quick)' if a.quick else 'v1'}, {T.num_params(base) / 1e6:.1f}M params, "
           f"{size} px, {steps} decode steps, reps {reps}", flush=True)
     t0 = time.perf_counter()
-    params = random_params(base)
+    params = common.random_params(T.abstract_params(base))
     print(f"# random weights drawn in {time.perf_counter() - t0:.1f} s", flush=True)
     results = {"config": "tiny" if a.quick else "v1", "size": size, "steps": steps, "rows": []}
 

@@ -15,6 +15,7 @@ def get_config():
         diff_decoder=dict(in_dim=3, out_dim=3, dim=128, cond_dim=128, patch_size=4, depth=2,
                           data_std=0.6, time_shift=2.0, mlp_head=False, share_time_encoding=False)))
     c.data.update(dict(kind="synthetic", image_size=32, num_classes=10))
+    c.loss.update(dict(vq_warmup_steps=80, dead_code_restart_every=40))
     c.optim.update(dict(lr=1e-3, weight_decay=0.0, b2=0.95, warmup_steps=50))
     c.train.update(dict(global_batch_size=16, steps=300, ema_decay=0.99, eval_every_steps=100))
     c.eval.update(dict(num_images=16))

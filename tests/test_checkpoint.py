@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from conftest import OFFICIAL_SHAPES, REPO
 from dar_jax import ar
 from dar_jax.checkpoint import (CheckpointError, UnsafePickleError, load_model, load_torch_file,
                                 reference, save_model)
+from dar_jax.config import ConfigError
 
 
 class _RunsCommand:
@@ -118,6 +121,25 @@ def test_model_directory_roundtrip_and_atomic_overwrite(tmp_path, ref_gpt):
     jax.tree.map(np.testing.assert_array_equal, params3, params)
     assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
 
+
+
+def _dir_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def test_bfloat16_storage_halves_the_model_and_restores_float32(tmp_path, ref_gpt):
+    cfg, params = ref_gpt
+    save_model(tmp_path / "f32", "gpt", cfg, params)
+    save_model(tmp_path / "bf16", "gpt", cfg, params, storage_dtype="bfloat16")
+    assert _dir_bytes(tmp_path / "bf16" / "params") < 0.6 * _dir_bytes(tmp_path / "f32" / "params")
+    _, cfg2, restored = load_model(tmp_path / "bf16")
+    assert cfg2 == cfg
+    chex.assert_trees_all_equal_dtypes(restored, params)
+    rounded = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16).astype(np.float32), params)
+    jax.tree.map(np.testing.assert_array_equal, restored, rounded)
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        save_model(tmp_path / "f16", "gpt", cfg, params, storage_dtype="float16")
+    assert not (tmp_path / "f16").exists()
 
 def test_mismatched_model_directory_is_refused(tmp_path, ref_gpt):
     cfg, params = ref_gpt

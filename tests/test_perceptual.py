@@ -17,6 +17,7 @@ import pytest
 import torch_format
 from conftest import PERCEPTUAL_DIR
 from dar_jax.checkpoint import CheckpointError, load_torch_file
+from dar_jax.nn import resize
 from dar_jax.train import dinov2, lpips
 
 RTOL = 1e-4
@@ -237,17 +238,17 @@ def test_dinov2_loader_refuses_missing_and_mismatched_files(tmp_path, fixture_di
 def test_bicubic_matches_torch_on_a_tiny_case():
     """Values from torch 2.x ``F.interpolate(x, mode="bicubic", align_corners=False)``."""
     x = jnp.asarray([0.0, 1.0, 4.0, 9.0, 16.0]).reshape(1, 1, 5, 1)
-    up = dinov2.resize_bicubic(x, (1, 8))
+    up = resize.resize_bicubic(x, (1, 8))
     np.testing.assert_allclose(np.asarray(up).ravel(), [
         -0.09283447265625, 0.18756103515625, 1.176513671875, 2.619384765625, 5.441650390625,
         8.471435546875, 13.39508056640625, 16.64984130859375], rtol=1e-6, atol=1e-6)
-    down = dinov2.resize_bicubic(x, (1, 3))
+    down = resize.resize_bicubic(x, (1, 3))
     np.testing.assert_allclose(np.asarray(down).ravel(), [0.1481490135192871, 4.0, 14.074070930480957],
                                rtol=1e-6, atol=2e-6)
     # The scale-factor path takes source coordinates from the factor, not from the size ratio.
     sf = 3.1 / 5
-    assert dinov2.torch_bicubic_size(5, sf) == 3
-    by_factor = dinov2.resize_bicubic(x, (1, 3), scale_factors=(1.0, sf))
+    assert resize.torch_bicubic_size(5, sf) == 3
+    by_factor = resize.resize_bicubic(x, (1, 3), scale_factors=(1.0, sf))
     np.testing.assert_allclose(np.asarray(by_factor).ravel(),
                                [0.13933372497558594, 3.5535757541656494, 13.19059944152832],
                                rtol=1e-6, atol=2e-6)

@@ -177,7 +177,7 @@ _TORCH_BICUBIC = [
 
 def test_output_resolution_resize_is_torch_bicubic():
     x = (np.arange(84, dtype=np.float32).reshape(1, 2, 7, 6) ** 1.5) / 50.0
-    y = sampling.resize_bicubic(jnp.asarray(x.transpose(0, 2, 3, 1)), 4, 4)
+    y = sampling.resize_bicubic(jnp.asarray(x.transpose(0, 2, 3, 1)), (4, 4))
     np.testing.assert_allclose(np.asarray(y).transpose(0, 3, 1, 2)[0], _TORCH_BICUBIC, atol=2e-5)
     cfg = dataclasses.replace(T.tiny_config(), output_resolution=16)
     img = jnp.ones((1, 32, 32, 3))

@@ -87,6 +87,8 @@ def test_tiny_tokenizer_learns_on_synthetic_shapes(tmp_path):
     first, last = out["evals"][0], out["evals"][-1]
     assert first["step"] == 0 and last["step"] == 240
     assert last["eval_psnr"] > first["eval_psnr"] + 3.0, out["evals"]
+    # more than half of the codebook in use (the reference's rolling usage statistic)
+    assert out["result"]["codebook_usage"] > 0.5, out["result"]
     assert os.path.exists(tmp_path / "w" / "samples" / "recon_0000240.png")
     assert os.path.exists(tmp_path / "w" / "samples" / "preview_0000240.png")
     assert os.path.isdir(tmp_path / "w" / "model")

@@ -3,7 +3,8 @@
 A model directory holds::
 
     config.json   {"format": "dar-jax-model", "kind": "gpt" | "tokenizer", "config": {...}}
-    params/       orbax (OCDBT) pytree of float32 parameters
+    params/       orbax (OCDBT) pytree of the parameters: float32, or stored in bfloat16 where
+                  ``storage_dtype`` asked (half the size; restored as float32)
 
 It is written atomically: everything goes to a temporary sibling directory that is renamed into
 place, so a crash never leaves a half-written model where a good one was. ``load_model`` also
@@ -18,6 +19,7 @@ import tempfile
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dar_jax.checkpoint.mapping import flat_paths
@@ -81,16 +83,28 @@ def save_params(directory: str, params) -> None:
             ck.close()
 
 
-def save_model(path: str | os.PathLike, kind: str, config, params, extra: dict | None = None) -> str:
-    """Saves ``params`` and ``config`` (a dataclass of ``kind``) atomically at ``path``."""
+STORAGE_DTYPES = ("float32", "bfloat16")
+
+
+def save_model(path: str | os.PathLike, kind: str, config, params, extra: dict | None = None,
+               storage_dtype: str = "float32") -> str:
+    """Saves ``params`` and ``config`` (a dataclass of ``kind``) atomically at ``path``.
+
+    ``storage_dtype="bfloat16"`` rounds floating parameters to bfloat16 on disk (shipping small
+    models); :func:`load_model` restores them as the config's float32 parameters."""
     _kind(kind)
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+    if storage_dtype != "float32":
+        params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16)
+                              if jnp.issubdtype(np.asarray(a).dtype, jnp.floating) else a, params)
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
         save_params(os.path.join(tmp, PARAMS_DIR), params)
-        meta = {"format": FORMAT, "kind": kind, "config": to_dict(config)}
+        meta = {"format": FORMAT, "kind": kind, "config": to_dict(config), "storage_dtype": storage_dtype}
         if extra:
             meta["extra"] = extra
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dar_jax.nn.resize import resize_bicubic
 from dar_jax.sampling import solvers as S
 from dar_jax.tokenizer.config import TokenizerConfig
 from dar_jax.tokenizer.model import bind
@@ -170,37 +171,11 @@ def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop,
 # ----------------------------------------------------------------------------------------------
 # output resizing (the reference's bicubic, torch semantics: A = -0.75, no antialiasing)
 # ----------------------------------------------------------------------------------------------
-def _cubic(x, a=-0.75):
-    x = np.abs(x)
-    return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                    np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
-
-
-@functools.lru_cache(maxsize=None)
-def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    scale = n_in / n_out
-    m = np.zeros((n_out, n_in), np.float64)
-    for o in range(n_out):
-        src = (o + 0.5) * scale - 0.5
-        f = math.floor(src)
-        frac = src - f
-        for k in range(-1, 3):
-            m[o, min(max(f + k, 0), n_in - 1)] += _cubic(k - frac)
-    return m.astype(np.float32)
-
-
-def resize_bicubic(images: jax.Array, height: int, width: int) -> jax.Array:
-    """torch ``F.interpolate(mode='bicubic', align_corners=False)`` on NHWC images."""
-    mh = jnp.asarray(_resize_matrix(images.shape[1], height))
-    mw = jnp.asarray(_resize_matrix(images.shape[2], width))
-    return jnp.einsum("oh,bhwc,pw->bopc", mh, images, mw, precision=jax.lax.Precision.HIGHEST)
-
-
 def postprocess(cfg: TokenizerConfig, images: jax.Array) -> jax.Array:
     """The reference's ``output_resolution`` resize (only when the image is larger)."""
     r = cfg.output_resolution
     if r and (images.shape[1] > r or images.shape[2] > r):
-        return resize_bicubic(images, r, r)
+        return resize_bicubic(images, (r, r))
     return images
 
 

@@ -17,7 +17,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dar_jax.tokenizer import flow, quantizer
 from dar_jax.tokenizer.config import (DiffDecoderConfig, ImageSizeError, TokenizerConfig,

@@ -26,6 +26,7 @@ from flax import nnx
 from dar_jax.nn import layers as L
 from dar_jax.nn.functional import Functional
 from dar_jax.nn.attention import attention
+from dar_jax.nn.resize import avg_pool_tokens
 from dar_jax.nn.rope import apply_rope, concat_tables, identity_table, rope_2d_table
 from dar_jax.tokenizer.config import (HEAD_DIM, LOW_RANK, QUERY_TABLE, REPA_HIDDEN, REPA_OUT,
                                       ROPE_AXES, TokenizerConfig)
@@ -272,11 +273,7 @@ class DiffusionCore(nnx.Module):
         """REPA projection of the hidden state tok: (B, L, D), average-pooled by rows // 16
         (at least 1: the reference's stride is 0 below 16 rows). Returns (B, L', 768)."""
         gh, gw = grid
-        s = max(1, gh // 16)
-        b, _, d = tok.shape
-        h = tok.reshape(b, gh, gw, d)[:, : (gh // s) * s, : (gw // s) * s]
-        h = h.reshape(b, gh // s, s, gw // s, s, d).mean(axis=(2, 4))
-        h = h.reshape(b, -1, d)
+        h = avg_pool_tokens(tok, gh, gw, max(1, gh // 16))
         for i, lin in enumerate(self.repa_out):
             h = lin(h)
             if i < 2:

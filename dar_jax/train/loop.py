@@ -281,7 +281,8 @@ class Trainer:
         final = state.get("ema", state["params"]) if self.ema_decay > 0 else state["params"]
         if self.is_main and task.kind:
             store.save_model(os.path.join(self.workdir, "model"), task.kind, task.model_cfg,
-                             jax.device_get(final), extra={"step": step, "ema": self.ema_decay > 0})
+                             jax.device_get(final), extra={"step": step, "ema": self.ema_decay > 0},
+                             storage_dtype=str(_get(self.cfg.checkpoint, "export_dtype", "float32")))
         return {"step": step, "start_step": start, "stopped": False, **last_metrics}
 
     # --- helpers ---------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ def base_config(task: str = "ar") -> ml_collections.ConfigDict:
         global_batch_size=256, steps=1000, seed=0, ema_decay=0.0, eval_every_steps=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = [list(r) for r in DEFAULT_RULES]
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, keep_period=0, async_save=True))
+    # export_dtype: storage of the exported <workdir>/model ("bfloat16" halves it; loads as float32)
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, keep_period=0, async_save=True,
+                                                  export_dtype="float32"))
     c.logging = ml_collections.ConfigDict(dict(every_steps=50, tensorboard=True, progress=True,
                                                peak_tflops_per_device=0.0))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,
@@ -63,3 +65,23 @@ def model_defaults(task: str) -> dict:
 
 def epochs_to_steps(epochs: float, num_examples: int, global_batch: int) -> int:
     return max(1, int(round(epochs * num_examples / global_batch)))
+
+
+def ar_imagenet_recipe(size: str) -> ml_collections.ConfigDict:
+    """The reference's class-conditional recipe for GPT-B/L/XL on ImageNet 256 codes.
+
+    AdamW lr 1e-4, weight decay 0.05, betas 0.9/0.95, grad clip 1.0, global batch 256, 300 epochs,
+    class/residual/FFN/token dropout 0.1, bfloat16 compute. ``logging.peak_tflops_per_device`` is
+    an H100 SXM in bf16 (989); set it for your accelerator to get an honest MFU.
+    """
+    c = base_config("ar")
+    c.model.update(dict(size=size, vocab_size=16384, block_size=256, num_classes=1000, dtype="bfloat16",
+                        resid_dropout_p=0.1, ffn_dropout_p=0.1, token_dropout_p=0.1, class_dropout_prob=0.1))
+    c.data.update(dict(kind="tfds", name="imagenet2012", image_size=256, num_classes=1000))
+    c.tokenizer.checkpoint = "ckpt/tokenizer_v1"   # converted D-AR tokenizer (or use data.kind="codes")
+    c.optim.update(dict(lr=1e-4, weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=1.0))
+    c.train.global_batch_size = 256
+    c.train.steps = epochs_to_steps(300, 1_281_167, 256)   # 300 ImageNet epochs
+    c.checkpoint.update(dict(every_steps=5000, keep_period=50000))
+    c.logging.update(dict(every_steps=100, peak_tflops_per_device=989.0))
+    return c
