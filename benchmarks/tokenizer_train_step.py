@@ -57,9 +57,10 @@ def main():
     params = common.random_params(task.abstract_params(), 0)
     rows = []
     for b in a.batches:
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                 "rng": jax.random.key_data(jax.random.key(1)), "extra": task.init_extra(jax.random.key(2), params),
-                 "ema": params}
+        own = lambda t: jax.tree.map(jnp.copy, t)   # the state is donated: no shared buffers
+        state = {"step": jnp.zeros((), jnp.int32), "params": own(params), "opt_state": tx.init(params),
+                 "rng": jax.random.key_data(jax.random.key(1)),
+                 "extra": own(task.init_extra(jax.random.key(2), params)), "ema": own(params)}
         images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, 256, 256, 3)), jnp.float32)
         step = jax.jit(functools.partial(task.train_step, tx=tx, ema_decay=0.999), donate_argnums=(0,))
         holder = {"state": state}

@@ -55,6 +55,18 @@ def from_mapping(cls, mapping: Mapping[str, Any] | None, *, where: str = ""):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def sized_config(cls, sizes: Mapping[str, Mapping[str, Any]], size: str | None, what: str,
+                 **overrides: Any):
+    """``cls`` from a named size of ``sizes`` (or none: custom) with non-None ``overrides``."""
+    kwargs: dict[str, Any] = {}
+    if size:
+        if size not in sizes:
+            raise ConfigError(f"unknown {what} size {size!r}; known: {sorted(sizes)}")
+        kwargs.update(sizes[size])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(cls, kwargs, where=f"{what} config")
+
+
 def to_dict(obj) -> dict[str, Any]:
     """Dataclass -> plain JSON-able dict (tuples become lists)."""
     out = dataclasses.asdict(obj)

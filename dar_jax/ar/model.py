@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dar_jax.config import ConfigError
+from dar_jax.config import ConfigError, sized_config
 from dar_jax.nn.attention import attention
 from dar_jax.nn import layers as L
 from dar_jax.nn.functional import Functional
@@ -77,14 +77,7 @@ class GPTConfig:
 
 def gpt_config(model: str | None = None, **overrides: Any) -> GPTConfig:
     """A named size (``GPT-B``/``GPT-L``/``GPT-XL``/...) with overrides, or a custom one."""
-    kwargs: dict[str, Any] = {}
-    if model:
-        if model not in GPT_SIZES:
-            raise ConfigError(f"unknown GPT size {model!r}; known: {sorted(GPT_SIZES)}")
-        kwargs.update(GPT_SIZES[model])
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    from dar_jax.config import from_mapping
-    return from_mapping(GPTConfig, kwargs, where="gpt config")
+    return sized_config(GPTConfig, GPT_SIZES, model, "GPT", **overrides)
 
 
 class Attention(nnx.Module):

@@ -27,7 +27,7 @@ from flax import nnx
 
 from dar_jax.checkpoint import mapping as M
 from dar_jax.checkpoint.torch_pickle import CheckpointError, find_state_dict, load_torch_file
-from dar_jax.config import ConfigError, from_mapping
+from dar_jax.config import ConfigError, sized_config
 from dar_jax.nn import layers as L
 from dar_jax.nn.functional import Functional
 from dar_jax.nn.attention import attention
@@ -91,13 +91,7 @@ class DinoV2Config:
 
 def dinov2_config(model: str | None = None, **overrides: Any) -> DinoV2Config:
     """An official size (``vits14``/``vitb14``/``vitl14``/``vitg14``) with overrides, or a custom one."""
-    kwargs: dict[str, Any] = {}
-    if model:
-        if model not in DINOV2_SIZES:
-            raise ConfigError(f"unknown DINOv2 size {model!r}; known: {sorted(DINOV2_SIZES)}")
-        kwargs.update(DINOV2_SIZES[model])
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return from_mapping(DinoV2Config, kwargs, where="dinov2 config")
+    return sized_config(DinoV2Config, DINOV2_SIZES, model, "DINOv2", **overrides)
 
 
 # --- the network ------------------------------------------------------------------------------------
