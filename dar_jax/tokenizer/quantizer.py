@@ -78,8 +78,24 @@ def update_usage(buffer: jax.Array, codes: jax.Array, key: jax.Array, codebook_s
     m = min(sample, flat.shape[0])
     picked = flat[jax.random.permutation(key, flat.shape[0])[:m]]
     buffer = jnp.concatenate([buffer[m:], picked.astype(buffer.dtype)])
-    seen = jnp.zeros((codebook_size,), jnp.bool_).at[buffer.astype(jnp.int32)].set(True, mode="drop")
-    return buffer, jnp.sum(seen) / codebook_size
+    return buffer, jnp.sum(codes_seen(buffer, codebook_size)) / codebook_size
+
+
+def codes_seen(buffer: jax.Array, codebook_size: int) -> jax.Array:
+    """(K,) bool: which codes occur in the usage buffer (entries >= K, the fill value, ignored)."""
+    return jnp.zeros((codebook_size,), jnp.bool_).at[buffer.astype(jnp.int32)].set(True, mode="drop")
+
+
+def restart_dead_codes(codebook: jax.Array, usage_buffer: jax.Array, z_norm: jax.Array,
+                       key: jax.Array, apply: jax.Array) -> jax.Array:
+    """dar-jax's random restart: codebook rows (K, D) absent from the usage buffer are moved onto
+    random latents ``z_norm`` (B, N, D) of the batch, where ``apply`` (a traced bool) holds."""
+    size = codebook.shape[0]
+    flat = z_norm.reshape(-1, z_norm.shape[-1])
+    pick = jax.random.randint(key, (size,), 0, flat.shape[0])
+    dead = ~codes_seen(usage_buffer, size)
+    new = jnp.where(dead[:, None], jax.lax.stop_gradient(flat[pick]).astype(codebook.dtype), codebook)
+    return jnp.where(apply, new, codebook)
 
 
 def dead_code_rate(codes: jax.Array) -> jax.Array:

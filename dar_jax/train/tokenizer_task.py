@@ -228,10 +228,8 @@ class TokenizerTask(Task):
         params = optax.apply_updates(state["params"], updates)
         every = self.loss_cfg.dead_code_restart_every
         if every:
-            restart = (step + 1) % every == 0
-            if self.loss_cfg.vq_warmup_steps:
-                restart &= step >= self.loss_cfg.vq_warmup_steps
-            params = dict(params, codebook=restart_dead_codes(
+            restart = ((step + 1) % every == 0) & (step >= self.loss_cfg.vq_warmup_steps)
+            params = dict(params, codebook=quantizer.restart_dead_codes(
                 params["codebook"], extra["usage"], z_norm, jax.random.fold_in(key, 7), restart))
         new = dict(state, params=params, opt_state=opt_state, step=step + 1)
         if ema_decay > 0:
@@ -320,17 +318,6 @@ class TokenizerTask(Task):
             writer.write_images(step, "eval/reconstructions", grid)
             writer.write_images(step, "eval/previews", strip)
         return out
-
-
-def restart_dead_codes(codebook, usage_buffer, z_norm, key, apply):
-    """Codebook rows absent from the usage buffer moved onto random latents z_norm (B, N, K) of
-    the batch (where ``apply``); entries outside the codebook in the buffer are ignored."""
-    size = codebook.shape[0]
-    seen = jnp.zeros((size,), jnp.bool_).at[usage_buffer].set(True, mode="drop")
-    flat = z_norm.reshape(-1, z_norm.shape[-1])
-    pick = jax.random.randint(key, (size,), 0, flat.shape[0])
-    new = jnp.where((~seen)[:, None], jax.lax.stop_gradient(flat[pick]).astype(codebook.dtype), codebook)
-    return jnp.where(apply, new, codebook)
 
 
 def quantizer_usage_len() -> int:
