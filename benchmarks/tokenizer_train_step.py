@@ -24,6 +24,8 @@ import common  # noqa: E402
 
 from dar_jax.config import load_config  # noqa: E402
 from dar_jax.train import dinov2, lpips  # noqa: E402
+from dar_jax.train.loop import new_train_state  # noqa: E402
+from dar_jax.train.metrics import mfu  # noqa: E402
 from dar_jax.train.optim import make_optimizer  # noqa: E402
 from dar_jax.train.tokenizer_task import TokenizerTask  # noqa: E402
 
@@ -57,10 +59,9 @@ def main():
     params = common.random_params(task.abstract_params(), 0)
     rows = []
     for b in a.batches:
-        own = lambda t: jax.tree.map(jnp.copy, t)   # the state is donated: no shared buffers
-        state = {"step": jnp.zeros((), jnp.int32), "params": own(params), "opt_state": tx.init(params),
-                 "rng": jax.random.key_data(jax.random.key(1)),
-                 "extra": own(task.init_extra(jax.random.key(2), params)), "ema": own(params)}
+        # the state is donated: each batch size gets its own copy of the params
+        state = new_train_state(task, tx, jax.tree.map(jnp.copy, params), extra_key=jax.random.key(2),
+                                rng_key=jax.random.key(1), ema_decay=0.999)
         images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, 256, 256, 3)), jnp.float32)
         step = jax.jit(functools.partial(task.train_step, tx=tx, ema_decay=0.999), donate_argnums=(0,))
         holder = {"state": state}
@@ -75,7 +76,7 @@ def main():
                    images_per_s=b / sec, gflops_per_s=flops / sec / 1e9, compile_s=first - sec,
                    peak_rss_gib=common.peak_host_memory_gib())
         if a.peak_tflops:
-            row["mfu"] = flops / sec / (a.peak_tflops * 1e12 * jax.device_count())
+            row["mfu"] = mfu(flops / sec, a.peak_tflops * 1e12, jax.device_count())
         rows.append(row)
         print(row, flush=True)
     print()

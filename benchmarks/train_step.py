@@ -21,6 +21,8 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from dar_jax.train.ar_task import ARTask, gpt_train_flops_per_example  # noqa: E402
+from dar_jax.train.loop import new_train_state  # noqa: E402
+from dar_jax.train.metrics import mfu  # noqa: E402
 from dar_jax.train.optim import make_optimizer  # noqa: E402
 from dar_jax.train.run_config import base_config  # noqa: E402
 
@@ -32,9 +34,8 @@ def make_step(model: str, dtype: str, batch: int, seq: int):
     c.model.block_size = seq
     task = ARTask(c)
     tx, _ = make_optimizer(dict(c.optim), 1000)
-    params = task.init_params(jax.random.key(0))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "rng": jax.random.key_data(jax.random.key(1)), "extra": {}}
+    state = new_train_state(task, tx, task.init_params(jax.random.key(0)), extra_key=jax.random.key(2),
+                            rng_key=jax.random.key(1), ema_decay=0.0)
     rng = np.random.default_rng(0)
     data = {"tokens": jnp.asarray(rng.integers(0, task.model_cfg.vocab_size, (batch, seq)), jnp.int32),
             "label": jnp.asarray(rng.integers(0, task.model_cfg.num_classes, (batch,)), jnp.int32)}
@@ -70,7 +71,7 @@ def main():
                            tokens_per_s=b * args.seq / sec, gflops_per_s=flops / sec / 1e9,
                            step_tflop=flops / 1e12)
                 if args.peak_tflops:
-                    row["mfu"] = flops / sec / (args.peak_tflops * 1e12 * jax.device_count())
+                    row["mfu"] = mfu(flops / sec, args.peak_tflops * 1e12, jax.device_count())
                 rows.append(row)
                 print(row, flush=True)
     print()

@@ -29,7 +29,7 @@ from dar_jax import parallel
 from dar_jax.checkpoint import store
 from dar_jax.config import ConfigError, as_plain
 from dar_jax.train.checkpointing import TrainCheckpoints
-from dar_jax.train.metrics import MetricsWriter
+from dar_jax.train.metrics import MetricsWriter, mfu
 from dar_jax.train.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,17 @@ def _get(section, key, default):
     return section[key] if key in section else default
 
 
+def new_train_state(task: Task, tx, params, *, extra_key, rng_key, ema_decay: float) -> dict:
+    """The state the train step takes and returns: step, params, optimizer state, PRNG state,
+    the task's extras and, with ``ema_decay > 0``, an EMA copy of the params (own buffers, so
+    the state can be donated)."""
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": jax.random.key_data(rng_key), "extra": task.init_extra(extra_key, params)}
+    if ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
 class Trainer:
     """Builds everything from a run config and runs ``task`` for the configured steps."""
 
@@ -134,13 +145,8 @@ class Trainer:
     # --- state -------------------------------------------------------------------------------
     def _init_state(self, key):
         k_params, k_extra, k_rng = jax.random.split(key, 3)
-        params = self.task.init_params(k_params)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                 "opt_state": self.tx.init(params), "rng": jax.random.key_data(k_rng),
-                 "extra": self.task.init_extra(k_extra, params)}
-        if self.ema_decay > 0:
-            state["ema"] = jax.tree.map(jnp.copy, params)
-        return state
+        return new_train_state(self.task, self.tx, self.task.init_params(k_params),
+                               extra_key=k_extra, rng_key=k_rng, ema_decay=self.ema_decay)
 
     def _state_shardings(self, abstract_state):
         mesh, rules = self.mesh, self.rules
@@ -307,7 +313,7 @@ class Trainer:
             if flops_per_step:
                 values["tflops_per_s_per_device"] = sps * flops_per_step / jax.device_count() / 1e12
                 if peak:
-                    values["mfu"] = sps * flops_per_step / (jax.device_count() * peak)
+                    values["mfu"] = mfu(sps * flops_per_step, peak, jax.device_count())
         writer.write(step, values)
         log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
         return values

@@ -12,6 +12,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def mfu(flops_per_second: float, peak_flops_per_device: float, num_devices: int) -> float:
+    """Model FLOPs utilisation: achieved (analytic) FLOP/s over the peak of all devices."""
+    return flops_per_second / (num_devices * peak_flops_per_device)
+
+
 class MetricsWriter:
     """``write(step, {name: scalar})`` appends to ``metrics.jsonl`` and TensorBoard event files."""
 
