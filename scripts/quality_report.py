@@ -15,18 +15,12 @@ import time
 
 import numpy as np
 
-from dar_jax import data, pipeline
+from dar_jax import pipeline
 from dar_jax import tokenizer as tok
 from dar_jax.evaluate import metrics
 from dar_jax.evaluate import shapes_classifier as sc
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def real_images(split: str, n: int, size: int, classes: int):
-    src = data.make_source({"kind": "synthetic", "image_size": size, "num_classes": classes}, split)
-    imgs = np.stack([src[i]["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
-    return imgs, np.asarray([src[i]["label"] for i in range(n)])
 
 
 def main() -> None:
@@ -53,8 +47,8 @@ def main() -> None:
     gen = np.concatenate(gen)
     pred = sc.predict(clf, gen)
     per_class = [float((pred[labels == c] == c).mean()) for c in range(classes)]
-    test, test_labels = real_images("test", a.num, size, classes)
-    val, _ = real_images("validation", a.num, size, classes)
+    test, test_labels = sc.real_images("test", a.num, size, classes)
+    val, _ = sc.real_images("validation", a.num, size, classes)
     clf_acc = float((sc.predict(clf, test) == test_labels).mean())
     recon = []
     for s in range(0, a.num, a.batch_size):

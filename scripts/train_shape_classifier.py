@@ -9,8 +9,6 @@ import argparse
 import pathlib
 import time
 
-import numpy as np
-
 from dar_jax import data
 from dar_jax.evaluate import shapes_classifier as sc
 
@@ -39,10 +37,8 @@ def main() -> None:
         return b["image"], b["label"]
 
     params = sc.train(next_batch, a.classes, steps=a.steps)
-    held = data.make_source({"kind": "synthetic", "image_size": a.size, "num_classes": a.classes}, "test")
     n = 2000
-    images = np.stack([held[i]["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
-    labels = np.asarray([held[i]["label"] for i in range(n)])
+    images, labels = sc.real_images("test", n, a.size, a.classes)
     acc = float((sc.predict(params, images) == labels).mean())
     sc.save(a.out, params)
     print(f"held-out accuracy {acc:.4f} on {n} test images; trained in {time.perf_counter() - t0:.0f} s; wrote {a.out}")

@@ -82,6 +82,16 @@ def train(images_fn, num_classes: int, steps: int = 1500, batch_size: int = 64, 
     return params
 
 
+def real_images(split: str, n: int, size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` real synthetic images of ``split`` as (images (n, H, W, 3) in [-1, 1], labels)."""
+    from dar_jax import data
+    from dar_jax.data.augment import to_float
+    src = data.make_source({"kind": "synthetic", "image_size": size, "num_classes": num_classes}, split)
+    examples = [src[i] for i in range(n)]
+    return (to_float(np.stack([e["image"] for e in examples])),
+            np.asarray([e["label"] for e in examples]))
+
+
 def save(path: str, params: dict) -> None:
     np.savez(path, **{k: np.asarray(v) for k, v in params.items()})
 
