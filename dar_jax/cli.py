@@ -1,7 +1,9 @@
-"""Command-line plumbing shared by train.py, sample.py and the evaluation command: expected
-errors (bad config, data, checkpoints, inputs) become one line on stderr and exit code 2."""
+"""Command-line plumbing shared by train.py, sample.py, the converter and the evaluation command:
+expected errors (bad config, data, checkpoints, inputs) become one line on stderr and exit code
+2, and the GPT size flags every command that reads a GPT ``.pt`` accepts."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -11,13 +13,14 @@ def expected_errors() -> tuple[type, ...]:
     from dar_jax.config import ConfigError
     from dar_jax.data import DataError
     from dar_jax.evaluate import ImageInputError, MetricInputError, ShardError
+    from dar_jax.io import PathError
     from dar_jax.pipeline import PipelineError
     from dar_jax.sampling import DecodeError, SolverError
     from dar_jax.tokenizer import TokenizerInputError
     from dar_jax.train.loop import TrainingDiverged
     return (ConfigError, CheckpointError, TrainingDiverged, DataError, SamplingError, PipelineError,
             DecodeError, SolverError, TokenizerInputError, MetricInputError, ImageInputError,
-            ShardError, FileNotFoundError)
+            ShardError, PathError, FileNotFoundError)
 
 
 def guarded_main(fn) -> int:
@@ -30,3 +33,34 @@ def guarded_main(fn) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_gpt_size_flags(ap: argparse.ArgumentParser, *aliases: str) -> None:
+    """The size flags of a GPT ``.pt`` (which holds no config), all optional: what its shapes
+    determine is inferred and a contradicting flag is an error naming both."""
+    from dar_jax.ar import GPT_SIZES
+    g = ap.add_argument_group("size of a GPT .pt (inferred from its shapes where they determine it)")
+    g.add_argument("--gpt-model", *aliases, dest="gpt_model", choices=sorted(GPT_SIZES), default=None,
+                   help="a named size (checked against the file)")
+    g.add_argument("--dim", type=positive_int, help="width (inferred)")
+    g.add_argument("--n-layer", type=positive_int, help="layers (inferred)")
+    g.add_argument("--n-head", type=positive_int, help="attention heads (default: dim / 64)")
+    g.add_argument("--block-size", type=positive_int,
+                   help="tokens per image (default: the tokenizer's token count, 256 without one)")
+    g.add_argument("--num-classes", type=positive_int, help="classes (inferred)")
+    g.add_argument("--vocab-size", type=positive_int, help="vocabulary (inferred)")
+
+
+def gpt_size_flags(args) -> dict:
+    from dar_jax.checkpoint.reference import GPT_SIZE_FLAGS
+    return {k: getattr(args, k) for k in GPT_SIZE_FLAGS}

@@ -42,8 +42,17 @@ class Models:
         return self.gpt_cfg.num_classes
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
+    """Sampling options, checked when made (a bad value raises naming it, never samples garbage)."""
     cfg_scale: float | str = 4.0       # number or "a,b" (linear over tokens)
     cfg_interval: int = -1
     temperature: float = 1.0
@@ -53,6 +62,32 @@ class SampleOptions:
     num_steps: int | None = None       # decoder steps (default: the tokenizer's)
     dtype: str | None = None           # compute dtype override (float32 | bfloat16)
     size: int | None = None            # decode resolution (default: sampling_resolution)
+
+    def __post_init__(self):
+        ar.parse_cfg_scale(self.cfg_scale)
+        bad = []
+        if not _is_int(self.cfg_interval) or self.cfg_interval < -1:
+            bad.append(f"cfg_interval={self.cfg_interval!r} (an integer >= -1)")
+        if not _is_number(self.temperature) or not 0 <= self.temperature < np.inf:
+            bad.append(f"temperature={self.temperature!r} (a finite number >= 0)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            bad.append(f"top_k={self.top_k!r} (an integer >= 0)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            bad.append(f"top_p={self.top_p!r} (in (0, 1])")
+        if self.num_steps is not None and (not _is_int(self.num_steps) or self.num_steps < 1):
+            bad.append(f"num_steps={self.num_steps!r} (an integer >= 1, or None for the tokenizer's)")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            bad.append(f"dtype={self.dtype!r} (float32, bfloat16 or None)")
+        if self.size is not None and (not _is_int(self.size) or self.size < 1):
+            bad.append(f"size={self.size!r} (a positive integer, or None for the tokenizer's)")
+        if bad:
+            raise PipelineError("bad sampling options: " + "; ".join(bad))
+        sampling.canonical(self.solver)
+
+    def check_for(self, tok_cfg: tok.TokenizerConfig) -> None:
+        """Options that depend on the tokenizer (the decode size)."""
+        if self.size is not None:
+            sampling.check_size(tok_cfg, self.size)
 
 
 def check_compatible(gpt_cfg: ar.GPTConfig, tok_cfg: tok.TokenizerConfig) -> None:
@@ -69,24 +104,55 @@ def make_models(gpt_cfg, gpt_params, tok_cfg, tok_params) -> Models:
     return Models(gpt_cfg, gpt_params, tok_cfg, tok_params)
 
 
-def load_models(gpt: str, tokenizer: str, *, gpt_size: str | None = None,
-                num_classes: int = 1000) -> Models:
-    """Loads both models from dar-jax model directories (trainer exports or converted files) or
-    from the reference's ``.pt`` files, converted on the fly (a GPT .pt needs ``gpt_size``)."""
+def _is_torch_file(path) -> bool:
+    return str(path).endswith((".pt", ".pth"))
+
+
+def model_config(path: str, kind: str):
+    """The config of a ``kind`` ("gpt" | "tokenizer") model folder without reading its
+    parameters; None for a ``.pt``, whose config is only known once the file is read."""
+    from dar_jax.checkpoint import store
+    return None if _is_torch_file(path) else store.read_config(path, kind)
+
+
+def load_tokenizer(path: str):
+    """(cfg, params) of a tokenizer model folder or a reference ``.pt`` (converted on the fly)."""
+    from dar_jax.checkpoint import load_model
+    if _is_torch_file(path):
+        return tok.load_reference_tokenizer(path, keep_repa=False)
+    _, cfg, params = load_model(path, kind="tokenizer")
+    return cfg, params
+
+
+def load_gpt(path: str, *, default_block_size: int = 256, **size):
+    """(cfg, params) of a GPT model folder or a reference ``.pt`` (converted on the fly).
+
+    ``size``: the GPT size flags (``gpt_model``, ``dim``, ``n_layer``, ``n_head``, ``block_size``,
+    ``num_classes``, ``vocab_size``), all optional: a .pt's config is inferred from its shapes
+    (``n_head`` = dim / 64 and ``default_block_size`` unless given); for a folder they must agree
+    with its config."""
     from dar_jax.checkpoint import load_model, load_torch_file, reference
-    from dar_jax.checkpoint.convert import gpt_config_for_file
-    if str(tokenizer).endswith((".pt", ".pth")):
-        tok_cfg, tok_params = tok.load_reference_tokenizer(tokenizer, keep_repa=False)
-    else:
-        _, tok_cfg, tok_params = load_model(tokenizer, kind="tokenizer")
-    if str(gpt).endswith((".pt", ".pth")):
-        from dar_jax.checkpoint.torch_pickle import find_state_dict
-        sd = find_state_dict(load_torch_file(gpt), reference.GPT_STATE_KEYS, gpt)
-        gpt_cfg = gpt_config_for_file(sd, model=gpt_size, block_size=tok_cfg.num_all_queries,
-                                      num_classes=num_classes)
-        gpt_params = reference.gpt_params_from_state_dict(sd, gpt_cfg, where=f"GPT checkpoint {gpt}")
-    else:
-        _, gpt_cfg, gpt_params = load_model(gpt, kind="gpt")
+    from dar_jax.checkpoint.torch_pickle import find_state_dict
+    unknown = sorted(set(size) - set(reference.GPT_SIZE_FLAGS))
+    if unknown:
+        raise PipelineError(f"unknown GPT size option(s) {unknown}; known: {list(reference.GPT_SIZE_FLAGS)}")
+    if _is_torch_file(path):
+        sd = find_state_dict(load_torch_file(path), reference.GPT_STATE_KEYS, path)
+        cfg = reference.gpt_config_from_state_dict(sd, default_block_size=default_block_size,
+                                                   where=f"GPT checkpoint {path}", **size)
+        return cfg, reference.gpt_params_from_state_dict(sd, cfg, where=f"GPT checkpoint {path}")
+    from dar_jax.checkpoint import store
+    reference.check_size_flags(store.read_config(path, "gpt"), f"the GPT model folder {path}", **size)
+    _, cfg, params = load_model(path, kind="gpt")
+    return cfg, params
+
+
+def load_models(gpt: str, tokenizer: str, **size) -> Models:
+    """Loads both models from dar-jax model directories (trainer exports or converted files) or
+    from the reference's ``.pt`` files, converted on the fly. ``size``: see :func:`load_gpt` (a
+    GPT .pt's block size defaults to the tokenizer's token count)."""
+    tok_cfg, tok_params = load_tokenizer(tokenizer)
+    gpt_cfg, gpt_params = load_gpt(gpt, default_block_size=tok_cfg.num_all_queries, **size)
     return make_models(gpt_cfg, gpt_params, tok_cfg, tok_params)
 
 
@@ -177,9 +243,18 @@ def decode_groups(models: Models, codes, noise, *, solver: str = "adams2",
     """Decodes known codes (B, N) group by group, yielding the preview after each group
     (the reference's preview-after-k semantics) and finally the full decode."""
     cfg = models.tok_cfg
+    if num_steps is not None and (not _is_int(num_steps) or num_steps < 1):
+        raise PipelineError(f"num_steps must be an integer >= 1 (or None), got {num_steps!r}")
     num_steps = int(num_steps or cfg.num_denoising_steps)
-    codes = jnp.asarray(codes, jnp.int32)
     tok.check_codes(cfg, codes)
+    if np.shape(codes)[1] != cfg.num_all_queries:
+        raise PipelineError(f"decode_groups needs all {cfg.num_all_queries} codes per image, got "
+                            f"codes of shape {tuple(np.shape(codes))}")
+    codes = jnp.asarray(codes, jnp.int32)
+    shape = tuple(np.shape(noise))
+    if len(shape) != 4 or shape[0] != codes.shape[0] or shape[-1] != 3:
+        raise PipelineError(f"noise must be (B={codes.shape[0]}, H, W, 3), got shape {shape}")
+    sampling.check_size(cfg, shape[1:3])
     dec = _GroupDecoder(models, noise, sampling.canonical(solver), num_steps)
     sched = _decode_schedule(cfg, num_steps)
     for g, known, ready in sched:
@@ -201,11 +276,14 @@ def stream(models: Models, labels, keys, options: SampleOptions = SampleOptions(
            prefix=None, prefix_len: int = 0) -> Iterator[StreamEvent]:
     """Interleaves AR generation and decoding: after each token group, yields the preview of
     the image so far; the last event is the final image (``final=True``)."""
+    ar.check_labels(labels, models.num_classes)
+    keys, single = ar.check_keys(keys)
+    if single or keys.shape[0] != len(labels):
+        raise PipelineError(f"need one key per label: got keys of shape {keys.shape} for "
+                            f"{len(labels)} labels (pipeline.sample_keys makes them)")
+    options.check_for(models.tok_cfg)
     models = with_dtype(models, options.dtype)
     labels = jnp.asarray(labels, jnp.int32)
-    keys = jnp.asarray(keys)
-    if keys.shape[:1] != labels.shape[:1]:
-        raise PipelineError(f"{keys.shape[0]} keys for {labels.shape[0]} labels")
     cfg = models.tok_cfg
     num_steps = int(options.num_steps or cfg.num_denoising_steps)
     gen = _generation(models, labels, keys, options, prefix, prefix_len)

@@ -17,11 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sample.py", description="Sample images with D-AR.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--gpt", default=str(DEFAULT_MODEL_DIR / "gpt"),
-                    help="GPT model directory (dar-jax) or the reference's .pt (needs --gpt-model)")
+                    help="GPT model directory (dar-jax) or the reference's .pt (size inferred)")
     ap.add_argument("--tokenizer", default=str(DEFAULT_MODEL_DIR / "tokenizer"),
                     help="tokenizer model directory (dar-jax) or the reference's .pt")
-    ap.add_argument("--gpt-model", default=None, help="size of a GPT .pt: GPT-B | GPT-L | GPT-XL")
-    ap.add_argument("--num-classes", type=int, default=1000, help="classes of a GPT .pt")
     ap.add_argument("--classes", default="all", help='"all" or a comma-separated list of class ids')
     ap.add_argument("--num-images", type=int, default=0,
                     help="images to sample (cycling through --classes); 0 = one per class")
@@ -47,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layout-groups", type=int, default=2)
     ap.add_argument("--npz", action="store_true", help="also write the ADM evaluator's sample batch")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    from dar_jax.cli import add_gpt_size_flags
+    add_gpt_size_flags(ap)
     return ap
 
 
@@ -71,47 +71,103 @@ def plan_labels(classes: list[int], num_images: int, per_class: int) -> np.ndarr
     return np.asarray([classes[i % len(classes)] for i in range(n)], np.int32)
 
 
+def check_args(args) -> None:
+    """Every option that can be checked without reading a file; raises PipelineError naming it."""
+    from dar_jax.pipeline import PipelineError, SampleOptions
+    bad = []
+    for flag, value, lo in [("--batch-size", args.batch_size, 1), ("--num-images", args.num_images, 0),
+                            ("--per-class", args.per_class, 0), ("--steps", args.steps, 0),
+                            ("--top-k", args.top_k, 0), ("--cfg-interval", args.cfg_interval, -1),
+                            ("--size", args.size, 0), ("--layout-groups", args.layout_groups, 0)]:
+        if value < lo:
+            bad.append(f"{flag} must be >= {lo}, got {value}")
+    if not 0 <= args.temperature < math.inf:
+        bad.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        bad.append(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.num_images and args.per_class:
+        bad.append("give --num-images or --per-class, not both")
+    if bad:
+        raise PipelineError("; ".join(bad))
+    SampleOptions(cfg_scale=args.cfg_scale, solver=args.solver)  # malformed "a,b", unknown solver
+
+
+def _default_model_hint(path: str, what: str) -> str:
+    if str(DEFAULT_MODEL_DIR) not in os.path.abspath(path):
+        return ""
+    return (f" (the shipped default model is {what}: restore it with "
+            "`git checkout -- models/default` or retrain it with scripts/train_default.sh)")
+
+
+def _load(fn, path: str):
+    """fn() with errors about the shipped default model's files given the way to restore it."""
+    from dar_jax.cli import expected_errors
+    try:
+        return fn()
+    except expected_errors() as e:
+        hint = _default_model_hint(path, "corrupt")
+        if not hint:
+            raise
+        raise type(e)(f"{e}{hint}") from None
+
+
+def output_names(labels: np.ndarray, args) -> list[str]:
+    """The files sample.py writes into --out."""
+    names = []
+    if not args.no_images:
+        for i, lab in enumerate(labels):
+            names.append(f"{i:06d}_class{int(lab)}.png")
+            if args.previews:
+                names.append(f"{i:06d}_class{int(lab)}_previews.png")
+        names += ["grid.png"] + (["previews.png"] if args.previews else [])
+    return names + (["samples.npz"] if args.npz else [])
+
+
 def run(args) -> str:
+    from dar_jax import io, pipeline, sampling
+    from dar_jax.cli import gpt_size_flags
+    from dar_jax.pipeline import PipelineError
+
+    # everything that can be checked before a model is read, then before anything is written
+    check_args(args)
+    for path in (args.gpt, args.tokenizer):
+        if not os.path.exists(path):
+            raise PipelineError(f"checkpoint not found: {path}{_default_model_hint(path, 'missing')}")
+    if args.layout_from and not os.path.isfile(args.layout_from):
+        raise PipelineError(f"layout image not found: {args.layout_from}")
+    out = pathlib.Path(io.check_output_dir(args.out, "--out"))
+    size = args.size or None
+    tok_cfg = _load(lambda: pipeline.model_config(args.tokenizer, "tokenizer"), args.tokenizer)
+    if tok_cfg is not None and size:
+        sampling.check_size(tok_cfg, size)
+    gpt_cfg = _load(lambda: pipeline.model_config(args.gpt, "gpt"), args.gpt)
+    if gpt_cfg is not None:
+        parse_classes(args.classes, gpt_cfg.num_classes)
+    tok_cfg, tok_params = _load(lambda: pipeline.load_tokenizer(args.tokenizer), args.tokenizer)
+    if size:
+        sampling.check_size(tok_cfg, size)
+    gpt_cfg, gpt_params = _load(lambda: pipeline.load_gpt(
+        args.gpt, default_block_size=tok_cfg.num_all_queries, **gpt_size_flags(args)), args.gpt)
+    models = pipeline.make_models(gpt_cfg, gpt_params, tok_cfg, tok_params)
+    classes = parse_classes(args.classes, models.num_classes)
+    labels = plan_labels(classes, args.num_images, args.per_class)
+    for name in output_names(labels, args):
+        io.check_output_file(out / name)
+    opts = pipeline.SampleOptions(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  solver=args.solver, num_steps=args.steps or None, dtype=args.dtype,
+                                  size=size)
+    return _sample_and_write(models, labels, opts, out, args)
+
+
+def _sample_and_write(models, labels, opts, out: pathlib.Path, args) -> str:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from dar_jax import parallel, pipeline
-    from dar_jax.pipeline import PipelineError
-
-    if args.batch_size < 1:
-        raise PipelineError("--batch-size must be >= 1")
-    for path in (args.gpt, args.tokenizer):
-        if not os.path.exists(path):
-            hint = ""
-            if str(DEFAULT_MODEL_DIR) in os.path.abspath(path):
-                hint = (" (the shipped default model is missing: restore it with "
-                        "`git checkout -- models/default` or retrain it with scripts/train_default.sh)")
-            raise PipelineError(f"checkpoint not found: {path}{hint}")
-    from dar_jax.ar import parse_cfg_scale
-    parse_cfg_scale(args.cfg_scale)  # malformed "a,b" fails before anything is loaded
-    try:
-        models = pipeline.load_models(args.gpt, args.tokenizer, gpt_size=args.gpt_model,
-                                      num_classes=args.num_classes)
-    except PipelineError:
-        raise
-    except Exception as e:
-        from dar_jax.cli import expected_errors
-        if isinstance(e, expected_errors()):
-            hint = ""
-            if str(DEFAULT_MODEL_DIR) in os.path.abspath(args.gpt):
-                hint = (" (the shipped default model looks corrupt: restore it with "
-                        "`git checkout -- models/default` or retrain it with scripts/train_default.sh)")
-            raise type(e)(f"{e}{hint}") from None
-        raise
-    classes = parse_classes(args.classes, models.num_classes)
-    labels = plan_labels(classes, args.num_images, args.per_class)
-    opts = pipeline.SampleOptions(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  solver=args.solver, num_steps=args.steps or None, dtype=args.dtype,
-                                  size=args.size or None)
     prefix, prefix_len = None, 0
     if args.layout_from:
-        size = pipeline.sampling.resolution(models.tok_cfg, args.size or None)[0]
+        size = pipeline.sampling.resolution(models.tok_cfg, opts.size)[0]
         image = pipeline.load_image(args.layout_from, size)
         codes, prefix_len = pipeline.layout_prefix(models, image, args.layout_groups)
         prefix = np.repeat(np.asarray(codes), 1, 0)
@@ -124,10 +180,7 @@ def run(args) -> str:
     models = pipeline.Models(models.gpt_cfg, jax.device_put(models.gpt_params, NamedSharding(mesh, P())),
                              models.tok_cfg, jax.device_put(models.tok_params, NamedSharding(mesh, P())))
     seed_key = jax.random.key(args.seed)
-    out = pathlib.Path(args.out)
     main = jax.process_index() == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     all_images, all_strips, all_tokens = [], [], []
     bar = None
     if main and not args.quiet:
@@ -160,6 +213,7 @@ def run(args) -> str:
         bar.close()
     images = np.concatenate(all_images)
     if main:
+        out.mkdir(parents=True, exist_ok=True)
         _write_outputs(out, images, labels, np.concatenate(all_tokens),
                        np.concatenate(all_strips) if args.previews else None, args)
         print(f"wrote {len(images)} images to {out.resolve()}")
@@ -178,10 +232,10 @@ def _write_outputs(out: pathlib.Path, images: np.ndarray, labels: np.ndarray, to
                    strips, args) -> None:
     from PIL import Image
 
+    from dar_jax import io
+
     def save(path, arr):
-        tmp = str(path) + ".tmp"
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        io.write_file(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
     if not args.no_images:
         for i, (img, lab) in enumerate(zip(images, labels)):
@@ -194,9 +248,7 @@ def _write_outputs(out: pathlib.Path, images: np.ndarray, labels: np.ndarray, to
             rows = [np.concatenate(list(s), axis=1) for s in strips]
             save(out / "previews.png", np.concatenate(rows, axis=0))
     if args.npz:
-        tmp = out / "samples.npz.tmp.npz"
-        np.savez(tmp, arr_0=images, arr_1=labels, tokens=tokens)
-        os.replace(tmp, out / "samples.npz")
+        io.write_file(out / "samples.npz", lambda f: np.savez(f, arr_0=images, arr_1=labels, tokens=tokens))
 
 
 def make_grid(images: np.ndarray, cols: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -135,3 +136,122 @@ def test_cli_bad_inputs(model_dirs, tmp_path, capsys, ref_gpt):
         err = capsys.readouterr().err
         assert rc == 2 and message in err, (extra, err)
         assert "Traceback" not in err
+
+
+# --- bad input: a clear error naming the problem, before any model is read, nothing written -------
+def _tree(root):
+    return sorted((os.path.relpath(os.path.join(r, n), root) for r, ds, fs in os.walk(root) for n in ds + fs))
+
+
+def test_cli_refuses_bad_options_before_reading_a_model(model_dirs, tmp_path, capsys, monkeypatch):
+    gpt, tok = model_dirs
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    base = ["--gpt", str(gpt), "--tokenizer", str(tok), "--quiet"]
+    cases = [(["--steps", "-5"], "--steps must be >= 0"),
+             (["--temperature", "nan"], "--temperature must be a finite number"),
+             (["--temperature", "inf"], "--temperature must be a finite number"),
+             (["--num-images", "-3"], "--num-images must be >= 0"),
+             (["--per-class", "-2"], "--per-class must be >= 0"),
+             (["--num-images", "3", "--per-class", "2"], "not both"),
+             (["--top-p", "0"], "--top-p must lie in (0, 1]"),
+             (["--size", "33"], "sizes must be multiples of"),
+             (["--out", str(a_file)], "is a file"),
+             (["--out", str(a_file / "sub")], "is a file")]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((["--out", str(locked / "o")], "not writable"))
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was read before the options were checked")
+
+    monkeypatch.setattr(pipeline, "load_tokenizer", no_loading)
+    monkeypatch.setattr(pipeline, "load_gpt", no_loading)
+    before = _tree(tmp_path)
+    for extra, message in cases:
+        out = [] if "--out" in extra else ["--out", str(tmp_path / "o")]
+        rc = sample_main(base + out + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (extra, err)
+        assert _tree(tmp_path) == before, extra
+    assert a_file.read_text() == "mine"
+
+
+def test_cli_refuses_a_folder_where_an_image_goes_and_writes_nothing(model_dirs, tmp_path, capsys):
+    gpt, tok = model_dirs
+    out = tmp_path / "o"
+    (out / "000001_class1.png").mkdir(parents=True)
+    rc = sample_main(["--gpt", str(gpt), "--tokenizer", str(tok), "--classes", "0,1", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "000001_class1.png" in err and "is a directory" in err and "Traceback" not in err, err
+    assert _tree(tmp_path) == ["o", "o/000001_class1.png"]
+
+
+def test_cli_reads_a_gpt_pt_of_any_size_with_the_shared_size_flags(ref_dir, ref_config, tmp_path, capsys):
+    """No --gpt-model needed: the size comes from the shapes (heads given: dim / 64 is only the
+    default), the block size from the tokenizer; a contradicting flag names both values."""
+    g = ref_config["gpt"]
+    base = ["--gpt", str(ref_dir / "gpt.pt"), "--tokenizer", str(ref_dir / "tokenizer.pt"), "--classes", "0",
+            "--n-head", str(g["n_head"]), "--no-previews", "--npz", "--no-images", "--quiet"]
+    assert sample_main(base + ["--out", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
+    assert np.load(tmp_path / "ok" / "samples.npz")["arr_0"].shape[0] == 1
+    rc = sample_main(base + ["--dim", str(g["dim"] + 64), "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--dim {g['dim'] + 64}" in err and f"dim={g['dim']}" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_errors_about_the_users_tokenizer_do_not_blame_the_default_model(tmp_path, capsys):
+    mine = tmp_path / "my_tokenizer"
+    mine.mkdir()
+    (mine / "config.json").write_text("{broken")
+    rc = sample_main(["--tokenizer", str(mine), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(mine) in err and "corrupt" in err
+    assert "default model" not in err and "git checkout" not in err
+
+
+def test_api_refuses_bad_labels_keys_and_options(ref_models):
+    m = ref_models
+    keys = pipeline.sample_keys(0, 2)
+    with pytest.raises(ValueError, match="integer class ids, got float"):
+        pipeline.sample(m, [0.5, 1.0], keys)
+    with pytest.raises(ValueError, match="integer class ids"):
+        pipeline.sample(m, ["a", "b"], keys)
+    with pytest.raises(ValueError, match="labels is empty"):
+        pipeline.sample(m, [], keys[:0])
+    with pytest.raises(ValueError, match="keys must be PRNG keys"):
+        pipeline.sample(m, [0, 1], [0, 1])
+    with pytest.raises(ValueError, match="one key per label"):
+        pipeline.sample(m, [0, 1], keys[:1])
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, "):
+        pipeline.sample(m, [0, m.num_classes], keys)
+    with pytest.raises(ValueError, match="num_steps=-2"):
+        pipeline.SampleOptions(num_steps=-2)
+    for t in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            pipeline.SampleOptions(temperature=t)
+    with pytest.raises(ValueError, match="top_p"):
+        pipeline.SampleOptions(top_p=float("nan"))
+    with pytest.raises(ValueError, match="temperature"):
+        ar.prepare(m.gpt_cfg, m.gpt_params, [0], pipeline.sample_keys(0, 1), temperature=float("nan"))
+    res = m.tok_cfg.sampling_resolution
+    patch = m.tok_cfg.diff_decoder.patch_size
+    for size in (res - patch, res + 1):
+        with pytest.raises(ValueError, match=f"multiples of {patch}"):
+            pipeline.sample(m, [0, 1], keys, pipeline.SampleOptions(size=size))
+    codes = np.zeros((1, m.tok_cfg.num_all_queries - 1), np.int32)
+    noise = np.zeros((1, res, res, 3), np.float32)
+    with pytest.raises(ValueError, match=f"all {m.tok_cfg.num_all_queries} codes"):
+        list(pipeline.decode_groups(m, codes, noise))
+    with pytest.raises(ValueError, match="noise must be"):
+        list(pipeline.decode_groups(m, np.zeros((1, m.tok_cfg.num_all_queries), np.int32), noise[0]))
+
+
+def test_api_decodes_at_a_larger_valid_size(ref_models):
+    m = ref_models
+    size = m.tok_cfg.sampling_resolution + m.tok_cfg.diff_decoder.patch_size
+    res = pipeline.sample(m, [0], pipeline.sample_keys(0, 1), pipeline.SampleOptions(size=size, num_steps=2))
+    r = m.tok_cfg.output_resolution
+    assert res.images.shape[1:3] == ((r, r) if r and r < size else (size, size))

@@ -46,6 +46,23 @@ class _Tensor:
                  collections.OrderedDict()))
 
 
+class RawTensor:
+    """A tensor given by its storage and a view of it (offset, size, stride in elements), as a
+    hostile file may write it."""
+
+    def __init__(self, storage: np.ndarray, offset: int, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+
+class _RawTensor(_Tensor):
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def __reduce__(self):
+        return (_Global("torch._utils", "_rebuild_tensor_v2"),
+                (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict()))
+
+
 class _Pickler(pickle._Pickler):  # the pure-Python pickler lets us write GLOBALs by name
     def __init__(self, f):
         super().__init__(f, protocol=2)
@@ -78,6 +95,11 @@ def save(obj, path: str, archive: str = "archive") -> None:
             arr = np.ascontiguousarray(x)
             blobs[key] = arr.tobytes()
             return _Tensor(_Storage(key, arr.dtype, arr.size), arr.shape)
+        if isinstance(x, RawTensor):
+            key = str(len(blobs))
+            arr = np.ascontiguousarray(x.storage).reshape(-1)
+            blobs[key] = arr.tobytes()
+            return _RawTensor(_Storage(key, arr.dtype, arr.size), x.offset, x.size, x.stride)
         if isinstance(x, collections.OrderedDict):
             return collections.OrderedDict((k, convert(v)) for k, v in x.items())
         if isinstance(x, dict):

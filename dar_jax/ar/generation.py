@@ -216,6 +216,48 @@ def sample_keys(key: jax.Array, num: int, start: int = 0) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
 
+def check_labels(labels, num_classes: int | None = None) -> None:
+    """labels: a non-empty (B,) array or list of integer class ids (never floats, strings or
+    booleans, which a cast would silently turn into other classes); in [0, num_classes) when the
+    values are on this host."""
+    if isinstance(labels, jax.Array):
+        dtype, shape, values = labels.dtype, labels.shape, None
+    else:
+        try:
+            values = np.asarray(labels)
+        except (TypeError, ValueError) as e:
+            raise SamplingError(f"labels must be a (B,) list or array of class ids: {e}") from None
+        dtype, shape = values.dtype, values.shape
+    if len(shape) != 1:
+        raise SamplingError(f"labels must be (B,), got shape {shape}")
+    if shape[0] == 0:
+        raise SamplingError("labels is empty: give at least one class id")
+    if not np.issubdtype(dtype, np.integer):
+        shown = f" {values[:4].tolist()}" if values is not None else ""
+        raise SamplingError(f"labels must be integer class ids, got {dtype} values{shown}")
+    if values is not None and num_classes is not None and (values.min() < 0 or values.max() >= num_classes):
+        raise SamplingError(f"class labels must lie in [0, {num_classes}); got {values.tolist()}")
+
+
+def check_keys(keys) -> tuple[jax.Array, bool]:
+    """PRNG keys -> (keys as a jax array, whether it is one key rather than one per sample).
+
+    Typed keys (``jax.random.key``; () one, (B,) per sample) or raw uint32 key data ((2,)/(4,)
+    one, (B, 2)/(B, 4) per sample). Integers of other kinds are refused: they are not keys."""
+    try:
+        arr = keys if isinstance(keys, jax.Array) else jnp.asarray(keys)
+    except (TypeError, ValueError):
+        raise SamplingError(f"keys must be PRNG keys (jax.random.key / pipeline.sample_keys), got {keys!r:.80}") from None
+    if jax.dtypes.issubdtype(arr.dtype, jax.dtypes.prng_key):
+        if arr.ndim > 1:
+            raise SamplingError(f"keys must be one key or (B,) keys, got shape {arr.shape}")
+        return arr, arr.ndim == 0
+    if arr.dtype == jnp.uint32 and arr.ndim in (1, 2) and arr.shape[-1] in (2, 4):
+        return arr, arr.ndim == 1
+    raise SamplingError(f"keys must be PRNG keys (jax.random.key / pipeline.sample_keys), got a "
+                        f"{arr.dtype} array of shape {arr.shape}")
+
+
 def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
              cfg_scale: float | str | Sequence[float] | CfgSchedule = 1.0, cfg_interval: int = -1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
@@ -231,9 +273,8 @@ def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
       prefix: (B, >= prefix_len) tokens kept verbatim at positions < prefix_len.
     Returns: (B, num_tokens) int32 tokens (num_tokens defaults to ``cfg.block_size``).
     """
+    check_labels(labels)
     labels = jnp.asarray(labels, jnp.int32)
-    if labels.ndim != 1:
-        raise SamplingError(f"labels must be (B,), got shape {labels.shape}")
     lab = np.asarray(labels)
     if lab.size and (lab.min() < 0 or lab.max() >= cfg.num_classes):
         raise SamplingError(f"class labels must lie in [0, {cfg.num_classes}); got {lab.tolist()}")
@@ -241,14 +282,11 @@ def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
     n = cfg.block_size if num_tokens is None else int(num_tokens)
     if not 1 <= n <= cfg.block_size:
         raise SamplingError(f"num_tokens {n} outside [1, {cfg.block_size}]")
-    if top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0:
-        raise SamplingError(f"bad sampling options: top_k={top_k}, top_p={top_p}, temperature={temperature}")
+    if top_k < 0 or not 0.0 < top_p <= 1.0 or not 0 <= temperature < np.inf:
+        raise SamplingError(f"bad sampling options: top_k={top_k}, top_p={top_p}, temperature={temperature} "
+                            "(need top_k >= 0, 0 < top_p <= 1, a finite temperature >= 0)")
     sched = parse_cfg_scale(cfg_scale)
-    keys = jnp.asarray(key)
-    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        single = keys.ndim == 0
-    else:
-        single = keys.ndim == 1
+    keys, single = check_keys(key)
     if single:
         keys = sample_keys(keys, b)
     if keys.shape[0] != b:

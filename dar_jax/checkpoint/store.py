@@ -7,15 +7,14 @@ A model directory holds::
                   ``storage_dtype`` asked (half the size; restored as float32)
 
 It is written atomically: everything goes to a temporary sibling directory that is renamed into
-place, so a crash never leaves a half-written model where a good one was. ``load_model`` also
-accepts a trainer checkpoint directory (see ``dar_jax.train``) and takes its latest step.
+place, so a crash never leaves a half-written model where a good one was. A writer never deletes
+what it did not create: an existing folder is replaced only when it is a dar-jax model folder and
+``overwrite`` was asked (see :func:`check_destination`).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -84,43 +83,108 @@ def save_params(directory: str, params) -> None:
 
 
 STORAGE_DTYPES = ("float32", "bfloat16")
+_MODEL_ENTRIES = {CONFIG_FILE, PARAMS_DIR}
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """True for a folder written by :func:`save_model`: its ``config.json`` carries the
+    ``dar-jax-model`` marker and it holds nothing else than that and ``params/``."""
+    path = os.fspath(path)
+    try:
+        entries = set(os.listdir(path))
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return entries <= _MODEL_ENTRIES and isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def check_destination(path: str | os.PathLike, *, overwrite: bool = False,
+                      sources: tuple = ()) -> bool:
+    """Raises :class:`CheckpointError` unless a model may be written at ``path``; touches nothing.
+
+    Allowed: a new path, an empty folder, or (only with ``overwrite``) a dar-jax model folder.
+    Refused: a file, any other non-empty folder (even with ``overwrite``), a folder holding one of
+    ``sources`` (the files being converted). Returns True when an existing model will be replaced.
+    """
+    from dar_jax.io import PathError, check_output_dir
+    path = os.path.abspath(os.fspath(path))
+    for src in sources:
+        src = os.path.abspath(os.fspath(src))
+        if src == path or src.startswith(path + os.sep):
+            raise CheckpointError(f"{path} holds the source {src}: write the model to another folder")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file, not a model folder: refusing to replace it")
+    try:
+        check_output_dir(path, "model folder")
+    except PathError as e:
+        raise CheckpointError(str(e)) from None
+    if not os.path.isdir(path) or not os.listdir(path):
+        return False
+    if is_model_dir(path):
+        if not overwrite:
+            raise CheckpointError(f"{path} already holds a dar-jax model: pass --overwrite "
+                                  "(overwrite=True) to replace it")
+        return True
+    shown = sorted(os.listdir(path))
+    raise CheckpointError(f"{path} is a non-empty folder that is not a dar-jax model (it holds "
+                          f"{', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}): refusing to "
+                          "write there; choose a new or empty folder")
 
 
 def save_model(path: str | os.PathLike, kind: str, config, params, extra: dict | None = None,
-               storage_dtype: str = "float32") -> str:
+               storage_dtype: str = "float32", *, overwrite: bool = False,
+               sources: tuple = ()) -> str:
     """Saves ``params`` and ``config`` (a dataclass of ``kind``) atomically at ``path``.
 
+    ``path`` must be new or an empty folder; an existing dar-jax model folder is replaced only
+    with ``overwrite`` (at every moment the complete old or new model is at ``path`` or at a
+    backup name this writer created); anything else is refused (:func:`check_destination`).
     ``storage_dtype="bfloat16"`` rounds floating parameters to bfloat16 on disk (shipping small
     models); :func:`load_model` restores them as the config's float32 parameters."""
+    from dar_jax import io
     _kind(kind)
     if storage_dtype not in STORAGE_DTYPES:
         raise ConfigError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+    path = os.path.abspath(os.fspath(path))
+    replace = check_destination(path, overwrite=overwrite, sources=sources)
     if storage_dtype != "float32":
         params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16)
                               if jnp.issubdtype(np.asarray(a).dtype, jnp.floating) else a, params)
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-    try:
+
+    def fill(tmp):
         save_params(os.path.join(tmp, PARAMS_DIR), params)
         meta = {"format": FORMAT, "kind": kind, "config": to_dict(config), "storage_dtype": storage_dtype}
         if extra:
             meta["extra"] = extra
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(path):
-            old = path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return io.write_dir(path, fill, replace=replace)
+
+
+def read_config(path: str | os.PathLike, kind: str):
+    """The config dataclass of a model folder (no parameters are read)."""
+    path = os.path.abspath(os.fspath(path))
+    meta = read_model_meta(path)
+    if meta["kind"] != kind:
+        raise CheckpointError(f"{path} holds a {meta['kind']!r} model, expected {kind!r}")
+    try:
+        return from_mapping(_kind(kind)[0], meta["config"], where=f"{path}/{CONFIG_FILE}")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def fingerprint(params) -> str:
+    """SHA-256 over the paths, shapes, dtypes and bytes of a params pytree (host-local arrays):
+    the identity of a model's weights, e.g. for results that must not be reused for another."""
+    import hashlib
+    h = hashlib.sha256()
+    for path, leaf in sorted(flat_paths(params).items(), key=lambda kv: tuple(map(str, kv[0]))):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(repr((tuple(map(str, path)), arr.shape, arr.dtype.str)).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def read_model_meta(path: str) -> dict:
@@ -168,16 +232,10 @@ def restore_params(directory: str, abstract, where: str, shardings=None):
 def load_model(path: str | os.PathLike, kind: str | None = None) -> tuple[str, Any, Any]:
     """Loads ``(kind, config, params)`` from a model directory written by :func:`save_model`."""
     path = os.path.abspath(os.fspath(path))
-    meta = read_model_meta(path)
-    if kind is not None and meta["kind"] != kind:
-        raise CheckpointError(f"{path} holds a {meta['kind']!r} model, expected {kind!r}")
-    config_cls, abstract_fn = _kind(meta["kind"])
-    try:
-        cfg = from_mapping(config_cls, meta["config"], where=f"{path}/{CONFIG_FILE}")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    params = restore_params(os.path.join(path, PARAMS_DIR), abstract_fn(cfg), f"model {path}")
-    return meta["kind"], cfg, params
+    kind = kind or read_model_meta(path)["kind"]
+    cfg = read_config(path, kind)
+    params = restore_params(os.path.join(path, PARAMS_DIR), _kind(kind)[1](cfg), f"model {path}")
+    return kind, cfg, params
 
 
 def params_to_numpy(params):

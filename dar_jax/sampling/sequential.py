@@ -200,6 +200,19 @@ def resolution(cfg: TokenizerConfig, size: int | Sequence[int] | None = None) ->
     return max(cfg.sampling_resolution, int(h)), max(cfg.sampling_resolution, int(w))
 
 
+def check_size(cfg: TokenizerConfig, size: int | Sequence[int]) -> tuple[int, int]:
+    """A requested decode size (int or (H, W)) as (H, W); raises :class:`DecodeError` naming the
+    sizes that work (multiples of the decoder patch size, at least ``sampling_resolution``)
+    instead of silently decoding another size."""
+    hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    p, lo = cfg.diff_decoder.patch_size, cfg.sampling_resolution
+    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or v % p
+                           for v in hw):
+        raise DecodeError(f"cannot decode at size {size}: sizes must be multiples of {p} (the decoder "
+                          f"patch size) of at least {lo} (e.g. {lo}, {lo + p}, {2 * lo})")
+    return int(hw[0]), int(hw[1])
+
+
 def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key: jax.Array, *,
            solver: str = "adams2", num_steps: int | None = None,
            preview_steps: int | None = None, preview_groups: int | None = None,
