@@ -97,8 +97,7 @@ def test_tiny_tokenizer_learns_on_synthetic_shapes(tmp_path):
 def test_kill_and_resume_bit_exact_with_ema_and_gan(tmp_path):
     spec = dict(task="tokenizer", steps=6, batch=4, ckpt_every=2, gan=2, report_shards=True)
     straight, _ = run_worker({**spec, "workdir": str(tmp_path / "a")})
-    _, res = run_worker({**spec, "workdir": str(tmp_path / "b")}, env={"DAR_DEBUG_KILL_AT_STEP": "5"},
-                        check=False)
+    _, res = run_worker({**spec, "workdir": str(tmp_path / "b"), "kill_at": 5}, check=False)
     assert res.returncode == -signal.SIGKILL
     resumed, _ = run_worker({**spec, "workdir": str(tmp_path / "b")})
     assert resumed["result"]["start_step"] in (2, 4)

@@ -71,10 +71,11 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_kill_after_async_save_then_resume_is_bit_exact(tmp_path):
+    """kill -9 after step 10 (checkpoint 8 saved asynchronously, rows up to step 9 logged): the
+    resumed run replays steps 9-12 bit for bit and metrics.jsonl keeps one row per step."""
     spec = dict(steps=12, batch=8, ckpt_every=4, report_shards=True)
     straight, _ = run_worker({**spec, "workdir": str(tmp_path / "straight")})
-    killed, res = run_worker({**spec, "workdir": str(tmp_path / "killed")},
-                             env={"DAR_DEBUG_KILL_AT_STEP": "9"}, check=False)
+    killed, res = run_worker({**spec, "workdir": str(tmp_path / "killed"), "kill_at": 10}, check=False)
     assert res.returncode == -signal.SIGKILL and killed is None
     steps = sorted(int(d) for d in os.listdir(tmp_path / "killed" / "checkpoints") if d.isdigit())
     assert steps and max(steps) <= 8
@@ -82,48 +83,83 @@ def test_kill_after_async_save_then_resume_is_bit_exact(tmp_path):
     assert resumed["result"]["start_step"] == max(steps)
     assert resumed["result"]["step"] == 12
     assert resumed["digest"] == straight["digest"]
+    assert resumed["loss_steps"] == list(range(1, 13))
+    assert resumed["losses"] == straight["losses"]
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    spec = {"workdir": str(tmp_path / "w"), "steps": 100000, "batch": 8, "ckpt_every": 100000}
-    proc = subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "w" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    result = json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])["result"]
-    assert result["stopped"] is True
-    steps = [int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()]
-    assert steps == [result["step"]]
+def test_sigterm_at_every_moment_exits_cleanly_and_resumes_bit_exact(tmp_path):
+    """SIGTERM mid-run, right after a periodic save and while a resumed run compiles: each run
+    stops cleanly (no duplicate save), and the resumed runs match an uninterrupted one bit for bit
+    (losses of every step, final parameters)."""
+    common = dict(steps=8, batch=8, ckpt_every=4)
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    runs = [{"workdir": a, "report_shards": True},
+            {"workdir": b, "signals": [["step", 5, "SIGTERM"]]},         # mid-run, between checkpoints
+            {"workdir": b, "report_shards": True},
+            {"workdir": c, "signals": [["checkpoint", 4, "SIGTERM"]]},   # right after a periodic save
+            {"workdir": c, "signals": [["compile", 4, "SIGTERM"]]},      # while the resumed run compiles
+            {"workdir": c, "report_shards": True}]
+    out, res = run_worker(dict(common, runs=runs))
+    straight, b_stop, b_done, c_stop, c_stop2, c_done = out
+    assert (b_stop["result"]["stopped"], b_stop["result"]["step"]) == (True, 5)
+    assert (c_stop["result"]["stopped"], c_stop["result"]["step"]) == (True, 4)
+    assert (c_stop2["result"]["stopped"], c_stop2["result"]["step"], c_stop2["result"]["start_step"]) == (True, 4, 4)
+    assert "already saved step 4" in res.stderr
+    for done in (b_done, c_done):
+        assert done["result"]["stopped"] is False and done["result"]["step"] == 8
+        assert done["loss_steps"] == list(range(1, 9))
+        assert done["losses"] == straight["losses"]
+        assert done["digest"] == straight["digest"]
+    data = json.loads((tmp_path / "b" / "checkpoints" / "5" / "data" / "metadata").read_text())
+    assert data["step"] == 5
 
 
-def test_non_finite_loss_stops_naming_the_step(tmp_path):
-    out, res = run_worker({"workdir": str(tmp_path / "nan"), "steps": 30, "batch": 8, "ckpt_every": 2,
-                           "lr": 1e6}, check=False)
-    assert res.returncode != 0
-    assert "non-finite loss" in res.stderr and "at step" in res.stderr
-    import re
-    bad_step = int(re.search(r"at step (\d+)", res.stderr).group(1))
-    steps = sorted(int(d) for d in os.listdir(tmp_path / "nan" / "checkpoints") if d.isdigit())
-    assert all(s < bad_step for s in steps)
+def test_divergence_is_never_checkpointed_and_a_sane_rerun_finishes(tmp_path):
+    """lr 1e30: step 2 has a finite loss but a NaN grad norm and NaN parameters. It is not
+    checkpointed; the stop names the step (exit 2). Step 1 is finite but poisoned (its own
+    gradient is NaN, whatever the learning rate): a rerun with a sane lr finds that at its first
+    step, moves step 1 aside to 1.diverged and finishes from the previous state."""
+    w = str(tmp_path / "w")
+    runs = [{"workdir": w, "mode": "cli", "lr": 1e30, "ckpt_every": 1},
+            {"workdir": w, "mode": "restore"},
+            {"workdir": w, "lr": 3e-3, "ckpt_every": 1}]
+    out, res = run_worker(dict(steps=6, batch=8, runs=runs))
+    diverged, latest, rerun = out
+    assert diverged["rc"] == 2
+    err = [l for l in res.stderr.splitlines() if l.startswith("error: ")]
+    assert len(err) == 1 and "non-finite grad norm" in err[0] and "at step 2" in err[0], res.stderr[-2000:]
+    assert latest["step"] == 1 and latest["finite"] is True
+    assert "moving checkpoint step 1 aside" in res.stderr
+    assert rerun["result"]["start_step"] == 0 and rerun["result"]["step"] == 6
+    assert rerun["loss_steps"] == list(range(1, 7)) and all(np.isfinite(rerun["losses"]))
+    assert "1.diverged" in os.listdir(tmp_path / "w" / "checkpoints")
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
-    work = tmp_path / "w"
-    run_worker({"workdir": str(work), "steps": 4, "batch": 8, "ckpt_every": 2})
-    latest = work / "checkpoints" / "4" / "state"
-    for root, _, files in os.walk(latest):
-        for f in files:
-            if f not in ("_CHECKPOINT_METADATA",):
-                with open(os.path.join(root, f), "wb") as fh:
-                    fh.write(b"garbage")
-    out, res = run_worker({"workdir": str(work), "steps": 6, "batch": 8, "ckpt_every": 2})
-    assert "checkpoint step 4" in res.stderr and "trying the previous one" in res.stderr
-    assert out["result"]["start_step"] == 2 and out["result"]["step"] == 6
+def test_corrupt_checkpoints_fall_back_and_are_moved_aside(tmp_path):
+    """A data iterator state at the wrong step and garbage state files both count as corruption:
+    the run falls back to the previous checkpoint with a warning, moves the bad one to
+    <step>.corrupt (it takes no keep slot) and replays the steps exactly. Another model shape
+    is not corruption: one line naming the first differing key with both shapes."""
+    w = tmp_path / "w"
+    ck = w / "checkpoints"
+    runs = [{"workdir": str(w), "steps": 4},
+            {"mode": "set_json", "path": str(ck / "4" / "data" / "metadata"), "set": {"step": 3}},
+            {"workdir": str(w), "steps": 6},
+            {"mode": "garble", "path": str(ck / "6" / "state")},
+            {"workdir": str(w), "steps": 8},
+            {"workdir": str(w), "steps": 8, "mode": "expect_error", "model": {"dim": 32, "n_head": 2}}]
+    out, res = run_worker(dict(batch=8, ckpt_every=2, runs=runs))
+    first, _, fell_back, _, fell_back2, wrong_shape = out
+    assert "checkpoint step 4" in res.stderr and "data iterator state is at step 3" in res.stderr
+    assert "trying the previous one" in res.stderr and "checkpoint step 6" in res.stderr
+    assert fell_back["result"]["start_step"] == 2 and fell_back["result"]["step"] == 6
+    assert fell_back["losses"][:4] == first["losses"] and fell_back["loss_steps"] == list(range(1, 7))
+    assert fell_back2["result"]["start_step"] == 4 and fell_back2["result"]["step"] == 8
+    assert fell_back2["losses"][:6] == fell_back["losses"]
+    assert sorted(os.listdir(ck)) == ["4", "4.corrupt", "6", "6.corrupt", "8"]
+    msg = wrong_shape["message"]
+    assert wrong_shape["error"] == "CheckpointError" and "\n" not in msg and len(msg) < 400, msg
+    assert "params." in msg and "64) in the checkpoint" in msg and "32) in this run" in msg, msg
 
 
 def test_run_config_errors_name_the_problem(tmp_path):
@@ -145,6 +181,38 @@ def test_train_cli_reports_bad_input_in_one_line(tmp_path):
                                 f"--config.data.data_dir={tmp_path / 'missing'}"],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr
+
+
+def _train_main():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dar_train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_train_cli_refuses_bad_workdirs_and_optimizer_values_before_anything(tmp_path, capsys):
+    main = _train_main()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    foreign = tmp_path / "run"
+    (foreign / "model").mkdir(parents=True)
+    (foreign / "model" / "thesis.txt").write_text("mine")
+    ok = tmp_path / "w"
+    cases = [(a_file, [], "is a file"), (a_file / "sub", [], "is a file"),
+             (foreign, [], "not a dar-jax model"),
+             (ok, ["--config.optim.lr=-1"], "optim.lr=-1.0 must be a finite number > 0"),
+             (ok, ["--config.optim.lr=nan"], "optim.lr"),
+             (ok, ["--config.optim.b2=1.5"], "optim.b2=1.5"),
+             (ok, ["--config.train.steps=0"], "train.steps must be positive"),
+             (ok, ["--config.checkpoint.every_steps=0"], "checkpoint.every_steps must be >= 1")]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for workdir, extra, message in cases:
+        rc = main(["--config", str(REPO / "configs" / "ar_gpt_b.py"), "--workdir", str(workdir), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (workdir, extra, err)
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert a_file.read_text() == "mine" and (foreign / "model" / "thesis.txt").read_text() == "mine"
 
 
 def test_tiny_ar_config_learns_on_synthetic_shapes(tmp_path, model_dirs, inception_dir):

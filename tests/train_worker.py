@@ -2,6 +2,12 @@
 tests, and prints a JSON line with the losses and a digest of the final parameters.
 
     python tests/train_worker.py '{"workdir": ..., "mesh": {...}, "devices": 8, "steps": 5, ...}'
+
+Faults are injected through the trainer's ``hooks`` argument: ``"signals": [[event, step, name]]``
+sends SIGTERM or SIGKILL to this process at that moment (events: compile, checkpoint, step;
+see ``Trainer``), ``"kill_at": n`` is SIGKILL after step n. ``"mode": "cli"`` runs through the
+command-line error handling and reports its exit code; ``"mode": "set_json"`` edits a JSON file
+(``"path"``, ``"set"``) between runs.
 """
 from __future__ import annotations
 
@@ -47,10 +53,10 @@ class TokenBatches:
         return {"tokens": tokens[self.lo:self.hi].astype(np.int32), "label": labels[self.lo:self.hi].astype(np.int32)}
 
     def get_state(self):
-        return {"i": self.i}
+        return {"step": self.i}
 
     def set_state(self, state):
-        self.i = int(state["i"])
+        self.i = int(state["step"])
 
 
 class WorkerTask(ARTask):
@@ -83,6 +89,7 @@ def config(spec):
         c.train.update(dict(global_batch_size=spec.get("batch", 16), steps=spec.get("steps", 5), seed=0,
                             ema_decay=spec.get("ema", 0.0)))
         c.optim.update(dict(lr=spec.get("lr", 3e-3), warmup_steps=0))
+        c.optim.update(spec.get("optim", {}))
     c.mesh.update(spec.get("mesh", {"data": -1}))
     c.checkpoint.update(dict(every_steps=spec.get("ckpt_every", 100), async_save=True))
     c.logging.update(dict(every_steps=1, tensorboard=False, progress=False))
@@ -118,7 +125,40 @@ def restore_latest(trainer):
     return step, state
 
 
+def make_hooks(sub):
+    """Trainer hooks sending the asked signals at (event, step)."""
+    import signal
+    plan = [tuple(x) for x in sub.get("signals", [])]
+    if sub.get("kill_at"):
+        plan.append(("step", sub["kill_at"], "SIGKILL"))
+
+    def hooks(event, step):
+        for ev, at, name in plan:
+            if ev == event and at == step:
+                os.kill(os.getpid(), getattr(signal, name))
+    return hooks
+
+
 def run_one(sub):
+    if sub.get("mode") == "set_json":
+        with open(sub["path"]) as f:
+            data = json.load(f)
+        data.update(sub["set"])
+        with open(sub["path"], "w") as f:
+            json.dump(data, f)
+        return {}
+    if sub.get("mode") == "garble":  # overwrite every file of a checkpoint item with garbage
+        for root, _, files in os.walk(sub["path"]):
+            for f in files:
+                if f != "_CHECKPOINT_METADATA":
+                    with open(os.path.join(root, f), "wb") as fh:
+                        fh.write(b"garbage")
+        return {}
+    if sub.get("mode") == "cli":  # the error handling of train.py: exit code and one-line message
+        from dar_jax.cli import guarded_main
+        out = {}
+        out["rc"] = guarded_main(lambda: out.update(run_one({**sub, "mode": "train"})))
+        return out
     if sub.get("mode") == "expect_error":
         try:
             run_one({**sub, "mode": "train"})
@@ -127,14 +167,16 @@ def run_one(sub):
         return {"error": None}
     cfg = config(sub)
     devices = jax.devices()[: sub["devices"]] if sub.get("devices") else None
-    trainer = Trainer(cfg, make_task(cfg), sub["workdir"], devices=devices)
+    trainer = Trainer(cfg, make_task(cfg), sub["workdir"], devices=devices, hooks=make_hooks(sub))
     if sub.get("mode") == "restore":
         step, state = restore_latest(trainer)
-        return {"step": step, "digest": params_digest(state["params"])}
+        finite = all(bool(np.isfinite(np.asarray(jax.device_get(x))).all()) for x in jax.tree.leaves(state["params"]))
+        return {"step": step, "digest": params_digest(state["params"]), "finite": finite}
     out = {"result": trainer.run()}
     if jax.process_index() == 0:
         rows = read_jsonl(os.path.join(sub["workdir"], "metrics.jsonl"))
         out["losses"] = [r["loss"] for r in rows if "loss" in r]
+        out["loss_steps"] = [r["step"] for r in rows if "loss" in r]
         out["evals"] = [r for r in rows if "eval_psnr" in r]
     if sub.get("report_shards"):
         _, state = restore_latest(trainer)

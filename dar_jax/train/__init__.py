@@ -18,13 +18,18 @@ def make_task(cfg):
     raise ConfigError(f"unknown task {cfg.task!r}; expected 'ar' or 'tokenizer'")
 
 
-def run_from_config(cfg, workdir: str) -> dict:
-    """Initialises multi-host if configured, builds the task and runs the trainer."""
+def run_from_config(cfg, workdir: str, hooks=None) -> dict:
+    """Checks the run config and workdir, initialises multi-host if configured, builds the task
+    and runs the trainer (``hooks``: see :class:`dar_jax.train.loop.Trainer`)."""
     from dar_jax import parallel
-    from dar_jax.train.loop import Trainer
+    from dar_jax.train.loop import Trainer, check_run_config, check_workdir
+    from dar_jax.train.optim import check_optim
+    check_workdir(workdir)        # before anything is initialised, loaded or written
+    check_run_config(cfg)
+    check_optim(dict(cfg.optim))
     d = cfg.distributed
     parallel.initialize(d.coordinator_address or None, d.num_processes or None,
                         d.process_id if d.process_id >= 0 else None,
                         cpu_collectives=d.cpu_collectives or None)
     task = make_task(cfg)
-    return Trainer(cfg, task, workdir).run()
+    return Trainer(cfg, task, workdir, hooks=hooks).run()

@@ -4,8 +4,10 @@ MaxText-shaped: a mesh from the config, parameters / optimizer state / EMA shard
 axis rules, one pure train step compiled before the loop with explicit in/out shardings and the
 state donated, metrics fetched one step late (logging never blocks the device), asynchronous
 atomic orbax checkpoints holding the train state *and* the data iterator's state, automatic
-resume (onto any mesh), SIGTERM -> save and exit 0, and a stop naming the step on a non-finite
-loss (the last good checkpoint stays the latest).
+resume (onto any mesh) that replays exactly the batches an uninterrupted run would see,
+SIGTERM -> save and exit 0, and a stop naming the step when a step's loss, grad norm or updated
+parameters are not finite (such a step is never checkpointed: the last good checkpoint stays the
+latest).
 
 A *task* (``dar_jax.train.ar_task.ARTask``, ``dar_jax.train.tokenizer_task.TokenizerTask``)
 supplies the model-specific parts; see :class:`Task`.
@@ -36,7 +38,20 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss: training stopped, the last good checkpoint is kept as the latest."""
+    """A non-finite loss, grad norm or parameters: training stopped, the last good checkpoint is
+    kept as the latest."""
+
+
+_FINITE = "params_finite"   # metric of the compiled step: every updated parameter is finite
+
+
+class _UnusableCheckpoint(Exception):
+    """The first step after a restore has a non-finite loss or gradient: that depends only on the
+    restored parameters (not on the learning rate), so no config can continue from them."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
 
 
 class Task:
@@ -117,18 +132,59 @@ def new_train_state(task: Task, tx, params, *, extra_key, rng_key, ema_decay: fl
     return state
 
 
-class Trainer:
-    """Builds everything from a run config and runs ``task`` for the configured steps."""
+def check_workdir(workdir: str) -> str:
+    """A workdir that can hold checkpoints, metrics and the exported ``model`` folder (which
+    must be new, empty or a dar-jax model: the trainer replaces only its own export)."""
+    from dar_jax.io import PathError, check_output_dir
+    try:
+        workdir = check_output_dir(workdir, "workdir")
+    except PathError as e:
+        raise ConfigError(str(e)) from None
+    store.check_destination(os.path.join(workdir, "model"), overwrite=True)
+    return workdir
 
-    def __init__(self, cfg, task: Task, workdir: str, devices=None):
+
+def check_run_config(cfg) -> None:
+    """The trainer's numbers (train, checkpoint, logging sections): each named when out of range."""
+    tr, ck, lg = cfg.train, cfg.checkpoint, cfg.logging
+    bad = []
+
+    def need(ok, text):
+        if not ok:
+            bad.append(text)
+
+    need(int(tr.global_batch_size) >= 1, f"train.global_batch_size must be >= 1, got {tr.global_batch_size}")
+    need(int(tr.steps) >= 1, f"train.steps must be positive, got {tr.steps}")
+    need(0.0 <= float(_get(tr, "ema_decay", 0.0)) < 1.0, f"train.ema_decay must lie in [0, 1), got {_get(tr, 'ema_decay', 0.0)}")
+    need(int(_get(tr, "eval_every_steps", 0)) >= 0, "train.eval_every_steps must be >= 0")
+    need(int(_get(ck, "every_steps", 1000)) >= 1, f"checkpoint.every_steps must be >= 1, got {_get(ck, 'every_steps', 1000)}")
+    need(int(_get(ck, "keep", 3)) >= 1, f"checkpoint.keep must be >= 1, got {_get(ck, 'keep', 3)}")
+    need(int(_get(ck, "keep_period", 0)) >= 0, "checkpoint.keep_period must be >= 0")
+    need(str(_get(ck, "export_dtype", "float32")) in store.STORAGE_DTYPES,
+         f"checkpoint.export_dtype must be one of {store.STORAGE_DTYPES}")
+    need(int(_get(lg, "every_steps", 50)) >= 1, f"logging.every_steps must be >= 1, got {_get(lg, 'every_steps', 50)}")
+    if bad:
+        raise ConfigError("; ".join(bad))
+
+
+class Trainer:
+    """Builds everything from a run config and runs ``task`` for the configured steps.
+
+    ``hooks(event, step)``, if given, is called at fixed moments of :meth:`run` (for tests that
+    stop or kill a run at an exact point, and for instrumentation): ``"compile"`` before the
+    train step is compiled (``step`` = the start step), ``"checkpoint"`` right after a periodic
+    checkpoint of ``step`` was started, and ``"step"`` when everything of ``step`` is done.
+    """
+
+    def __init__(self, cfg, task: Task, workdir: str, devices=None, hooks=None):
         """``devices``: the devices of the mesh (default: all devices of all processes)."""
-        self.cfg, self.task, self.workdir = cfg, task, os.path.abspath(workdir)
+        check_run_config(cfg)
+        self.cfg, self.task, self.workdir = cfg, task, check_workdir(workdir)
+        self.hooks = hooks or (lambda event, step: None)
         self.is_main = jax.process_index() == 0
         tr = cfg.train
         self.global_batch = int(tr.global_batch_size)
         self.total_steps = int(tr.steps)
-        if self.total_steps <= 0:
-            raise ConfigError("train.steps must be positive")
         self.ema_decay = float(_get(tr, "ema_decay", 0.0))
         self.mesh = parallel.make_mesh(dict(cfg.mesh), devices)
         self.rules = parallel.normalize_rules(cfg.sharding_rules)
@@ -189,14 +245,22 @@ class Trainer:
                                  keep_period=int(_get(ck_cfg, "keep_period", 0)) or None,
                                  async_save=bool(_get(ck_cfg, "async_save", True)))
         try:
-            return self._run(cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg)
+            try:
+                return self._run(cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg)
+            except _UnusableCheckpoint as e:
+                # finite but poisoned parameters (e.g. the step before a divergence): once, fall
+                # back to the previous checkpoint, whose next step was checked finite
+                log.warning("%s: moving checkpoint step %d aside and resuming from the previous one",
+                            e, e.step)
+                ckpts.move_aside([e.step], "diverged")
+                return self._run(cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg, first_check=False)
         finally:
             ckpts.close()
             writer.close()
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
 
-    def _run(self, cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg):
+    def _run(self, cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg, first_check=True):
         mesh = self.mesh
         task.workdir = self.workdir
         abstract_state = jax.eval_shape(self._init_state, jax.random.key(seed))
@@ -207,23 +271,26 @@ class Trainer:
                               abstract_state, state_sh)
         restored = ckpts.restore(target)
         if restored is not None:
-            start, state, data_state, _ = restored
-            if data_state:
-                data.set_state(data_state)
+            start, state, saved_data, _ = restored
+            if saved_data:
+                data.set_state(saved_data)
             log.info("resumed from step %d", start)
         else:
             start = 0
             state = jax.jit(self._init_state, out_shardings=state_sh)(jax.random.key(seed))
+        writer.resume_at(start)  # rows of steps after the checkpoint are replayed: drop them
         consts = task.consts()
         consts_sh = jax.tree.map(lambda _: parallel.replicated(mesh), consts)
         consts = jax.device_put(consts, consts_sh)
 
+        data_state = _snapshot(data.get_state())  # the iterator's state for the state's step
         first = task.prepare_batch(next(data))
         batch_sh = parallel.batch_shardings(first, mesh, self.rules)
-        step_fn = functools.partial(task.train_step, tx=self.tx, ema_decay=self.ema_decay)
+        step_fn = _with_finite_flag(functools.partial(task.train_step, tx=self.tx, ema_decay=self.ema_decay))
         abstract_batch = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct((self.global_batch,) + np.shape(x)[1:], np.asarray(x).dtype, sharding=s),
             first, batch_sh)
+        self.hooks("compile", start)
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):  # attention kernels run per shard under the active mesh
             compiled = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
@@ -239,7 +306,6 @@ class Trainer:
         peak = float(_get(lg_cfg, "peak_tflops_per_device", 0.0)) * 1e12
         flops_per_step = task.flops_per_example() * self.global_batch
         tokens_per_step = task.tokens_per_example() * self.global_batch
-        kill_at = int(os.environ.get("DAR_DEBUG_KILL_AT_STEP", "0"))  # test hook: SIGKILL self
 
         bar = _progress(self.total_steps, start) if self.is_main and _get(lg_cfg, "progress", True) else None
         pending: tuple[int, Any] | None = None
@@ -251,18 +317,23 @@ class Trainer:
             writer.write(0, task.evaluate(state, 0, writer))
         while step < self.total_steps:
             if self._should_stop(step):
-                self._flush(pending, writer, last_metrics)
-                ckpts.save(step, state, data.get_state(), meta, force=True)
+                if pending is not None:
+                    self._check_finite(*pending, ckpts)
+                last_metrics = self._flush(pending, writer, last_metrics)
+                saved = ckpts.save(step, state, data_state, meta, force=True)
                 ckpts.wait()
-                log.warning("saved step %d after SIGTERM; exiting", step)
+                log.warning("%s step %d after SIGTERM; exiting", "saved" if saved else "already saved", step)
                 return {"step": step, "start_step": start, "stopped": True, **last_metrics}
             gbatch = parallel.global_batch(batch, mesh, self.rules)
             state, metrics = compiled(state, gbatch, consts)
             step += 1
             window_steps += 1
+            data_state = _snapshot(data.get_state())  # exactly `step` batches consumed
+            if step == start + 1 and start > 0 and first_check:
+                self._check_resumed(step, metrics)
             # metrics of the previous step, fetched while this one runs
             if pending is not None:
-                self._check_finite(*pending)
+                self._check_finite(*pending, ckpts)
                 if pending[0] % log_every == 0:
                     last_metrics = self._log(pending, writer, window_start, window_steps - 1,
                                              flops_per_step, tokens_per_step, peak)
@@ -271,12 +342,12 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if step % ckpt_every == 0 or step == self.total_steps:
-                self._check_finite(step, metrics)
-                ckpts.save(step, state, data.get_state(), meta)
+                self._check_finite(step, metrics, ckpts)  # nothing non-finite is checkpointed
+                ckpts.save(step, state, data_state, meta)
+                self.hooks("checkpoint", step)
             if eval_every and step % eval_every == 0:
                 writer.write(step, task.evaluate(state, step, writer))
-            if kill_at and step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            self.hooks("step", step)
             if step < self.total_steps:
                 batch = task.prepare_batch(next(data))
         last_metrics = self._flush(pending, writer, last_metrics, window_start, window_steps,
@@ -285,25 +356,41 @@ class Trainer:
         if bar is not None:
             bar.close()
         final = state.get("ema", state["params"]) if self.ema_decay > 0 else state["params"]
-        if self.is_main and task.kind:
+        if self.is_main and task.kind:  # replaces only a previous export (check_workdir)
             store.save_model(os.path.join(self.workdir, "model"), task.kind, task.model_cfg,
                              jax.device_get(final), extra={"step": step, "ema": self.ema_decay > 0},
-                             storage_dtype=str(_get(self.cfg.checkpoint, "export_dtype", "float32")))
+                             storage_dtype=str(_get(self.cfg.checkpoint, "export_dtype", "float32")),
+                             overwrite=True)
         return {"step": step, "start_step": start, "stopped": False, **last_metrics}
 
     # --- helpers ---------------------------------------------------------------------------------
-    def _check_finite(self, step, metrics):
-        loss = float(np.asarray(metrics["loss"]))
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}: stopping; the last "
-                                   "good checkpoint stays the latest")
+    def _check_finite(self, step, metrics, ckpts=None):
+        """Raises TrainingDiverged when step ``step``'s loss, grad norm or parameters are not finite."""
+        values = {k: float(np.asarray(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
+        bad = [k.replace("_", " ") for k, v in values.items() if not math.isfinite(v)]
+        if _FINITE in metrics and not bool(np.asarray(metrics[_FINITE])):
+            bad.append("parameters")
+        if bad:
+            last = ckpts.latest_step() if ckpts is not None else None
+            kept = (f"the last good checkpoint (step {last}) stays the latest" if last is not None
+                    else "no checkpoint was written")
+            raise TrainingDiverged(
+                f"non-finite {' and '.join(bad)} at step {step} "
+                f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}): training diverged and "
+                f"stopped; {kept}; rerun with a lower learning rate to resume from it")
+
+    def _check_resumed(self, step, metrics):
+        """The first step after a restore: a non-finite loss or grad norm condemns the checkpoint."""
+        values = {k: float(np.asarray(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
+        bad = [k.replace("_", " ") for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise _UnusableCheckpoint(step - 1, f"the first step after resuming from step {step - 1} "
+                                                f"has a non-finite {' and '.join(bad)}")
 
     def _log(self, pending, writer, window_start, window_steps, flops_per_step, tokens_per_step, peak):
         step, metrics = pending
-        values = {k: float(np.asarray(v)) for k, v in metrics.items()}
-        if not math.isfinite(values["loss"]):
-            raise TrainingDiverged(f"non-finite loss ({values['loss']}) at step {step}: stopping; "
-                                   "the last good checkpoint stays the latest")
+        self._check_finite(step, metrics)
+        values = {k: float(np.asarray(v)) for k, v in metrics.items() if k != _FINITE}
         values["lr"] = float(self.schedule(step - 1))
         elapsed = time.perf_counter() - window_start
         if window_steps > 0 and elapsed > 0:
@@ -323,6 +410,25 @@ class Trainer:
             return last
         return self._log(pending, writer, window_start or time.perf_counter(), window_steps,
                          flops, tokens, peak)
+
+
+def _with_finite_flag(step_fn):
+    """The train step, with a metric saying whether every updated parameter (params, EMA and the
+    task's extras, e.g. a discriminator) is finite."""
+    def step(state, batch, consts):
+        new, metrics = step_fn(state, batch, consts)
+        leaves = [x for x in jax.tree.leaves((new["params"], new.get("ema"), new.get("extra")))
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
+        return new, dict(metrics, **{_FINITE: finite})
+    return step
+
+
+def _snapshot(data_state):
+    """A copy of a data iterator state (JSON: what the checkpoint stores), so that later batches
+    cannot change it."""
+    import json
+    return json.loads(json.dumps(data_state))
 
 
 def _dataclass_dict(obj):

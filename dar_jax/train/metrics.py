@@ -32,6 +32,27 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+    def resume_at(self, step: int) -> None:
+        """Drops the rows after ``step`` (all rows for a run starting at 0): a resumed run
+        replays those steps, so every step keeps one row of the run that the checkpoints hold.
+        Unreadable rows (a line cut by a kill) are dropped too. The file is rewritten atomically."""
+        if not self.enabled:
+            return
+        from dar_jax import io
+        path = self._jsonl.name
+        self._jsonl.close()
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if step > 0 and isinstance(row, dict) and int(row.get("step", step + 1)) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        io.write_file(path, lambda f: f.write("".join(keep).encode()))
+        self._jsonl = open(path, "a")
+
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return

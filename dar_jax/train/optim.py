@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules from the ``optim`` section of a run config."""
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import jax
@@ -36,12 +37,35 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(optim: Mapping, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def check_optim(optim: Mapping) -> None:
+    """Every value of the ``optim`` section in its range (a negative or NaN learning rate would
+    train silently wrong); raises :class:`ConfigError` naming each bad key."""
     unknown = sorted(set(optim) - set(OPTIM_KEYS))
     if unknown:
         raise ConfigError(f"unknown optim keys {unknown}; allowed: {list(OPTIM_KEYS)}")
     if optim.get("name", "adamw") != "adamw":
         raise ConfigError(f"unknown optimizer {optim.get('name')!r}; only 'adamw' is provided")
+    finite_pos = (lambda v: 0 < v < math.inf, "a finite number > 0")
+    finite_nonneg = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+    checks = {"lr": finite_pos, "eps": finite_pos, "weight_decay": finite_nonneg,
+              "grad_clip": finite_nonneg, "warmup_steps": finite_nonneg, "b1": unit, "b2": unit,
+              "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+    bad = []
+    for key, (ok, what) in checks.items():
+        if key in optim:
+            try:
+                good = ok(float(optim[key]))
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                bad.append(f"optim.{key}={optim[key]!r} must be {what}")
+    if bad:
+        raise ConfigError("; ".join(bad))
+
+
+def make_optimizer(optim: Mapping, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    check_optim(optim)
     schedule = lr_schedule(optim, total_steps)
     parts = []
     if float(optim.get("grad_clip", 0.0)) > 0:
