@@ -15,7 +15,8 @@ from dar_jax.evaluate.inception import forward as inception_forward
 from dar_jax.evaluate.inception import init_params as init_inception
 from dar_jax.evaluate.inception import load_params as load_inception
 from dar_jax.evaluate.metrics import (FeatureSizeError, MetricInputError, ReferenceFileError,
-                                      ReferenceStats, RunningStats, compute_stats, evaluate_features,
+                                      ReferenceStats, RunningStats, check_reference, compute_stats,
+                                      evaluate_features,
                                       fid_from_features, frechet_distance, inception_score,
                                       inception_score_splits, manifold_radii, precision_recall,
                                       read_reference, save_reference)

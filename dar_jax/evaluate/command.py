@@ -7,7 +7,9 @@ then FID / IS / precision / recall against a reference (the ADM suite's
 ``VIRTUAL_imagenet256_labeled.npz`` or a stats file of this project). ``--rfid`` measures a
 tokenizer instead: reconstruction FID on the centre crops the tokenizer sees, which are saved
 (shards + reference statistics) for reuse. Results go to ``<out>/results.json`` with every
-setting that affects them.
+setting that affects them, including fingerprints of the models' parameters: samples of a
+model that was replaced at the same path are never reused. Every option and input file is
+checked before anything is generated or written.
 
     python -m dar_jax.evaluate --gpt ckpt/dar_l --tokenizer ckpt/tokenizer_v1 \
         --inception pt_inception-2015-12-05-6726825d.pth \
@@ -19,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import signal
 import time
 
 import numpy as np
@@ -33,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (shards, results.json)")
     ap.add_argument("--tokenizer", required=True, help="tokenizer model directory or reference .pt")
-    ap.add_argument("--gpt", default=None, help="GPT model directory or reference .pt (needs --gpt-model)")
-    ap.add_argument("--gpt-model", default=None)
-    ap.add_argument("--num-classes", type=int, default=1000, help="classes of a GPT .pt")
+    ap.add_argument("--gpt", default=None, help="GPT model directory or reference .pt (size inferred)")
     ap.add_argument("--inception", required=True, help="pytorch-fid weights (pt_inception-2015-12-05-*.pth)")
     ap.add_argument("--protocol", default="adm", choices=["adm", "pytorch_fid"],
                     help="Inception preprocessing: adm (TF graph of the ADM suite) or pytorch_fid")
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-split", default="validation")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--quiet", action="store_true")
+    from dar_jax.cli import add_gpt_size_flags
+    add_gpt_size_flags(ap)
     return ap
 
 
@@ -78,28 +80,14 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="shard", dynamic_ncols=True)
 
 
-def _kill_hook():
-    """Test hook: DAR_DEBUG_KILL_AFTER_SHARDS=n kills the process after n new shards."""
-    n = int(os.environ.get("DAR_DEBUG_KILL_AFTER_SHARDS", "0"))
-    count = {"n": 0}
-
-    def after_shard():
-        count["n"] += 1
-        if n and count["n"] >= n:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return after_shard
-
-
-def _run_plan(plan, generate_fn, desc: str, quiet: bool) -> dict:
+def _run_plan(plan, generate_fn, desc: str, quiet: bool, hooks) -> dict:
     bar = _progress(plan.num_shards, desc, quiet)
-    hook = _kill_hook()
 
     def on_shard(done, total):
         if bar is not None:
             bar.n = done
             bar.refresh()
-        hook()
+        hooks("shard", done)
 
     report = ev.generate_samples(plan, generate_fn, on_shard=on_shard)
     if bar is not None:
@@ -148,22 +136,55 @@ def _settings(args, keys) -> dict:
     return {k: getattr(args, k.replace("-", "_")) for k in keys}
 
 
-def run(args) -> dict:
+def check_args(args) -> None:
+    """Every option and input path, before anything is loaded, generated or written."""
+    from dar_jax import io, pipeline
+    bad = []
+    for flag, value, lo in [("--num-samples", args.num_samples, 1), ("--batch-size", args.batch_size, 1),
+                            ("--shard-size", args.shard_size, 1), ("--per-class", args.per_class, 0),
+                            ("--inception-batch-size", args.inception_batch_size, 1),
+                            ("--image-size", args.image_size, 1), ("--steps", args.steps, 0),
+                            ("--top-k", args.top_k, 0), ("--cfg-interval", args.cfg_interval, -1)]:
+        if value < lo:
+            bad.append(f"{flag} must be >= {lo}, got {value}")
+    if not 0 <= args.temperature < math.inf:
+        bad.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        bad.append(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if bad:
+        raise pipeline.PipelineError("; ".join(bad))
+    pipeline.SampleOptions(cfg_scale=args.cfg_scale, solver=args.solver)  # malformed "a,b", solver
+    if not args.rfid and not args.gpt:
+        raise pipeline.PipelineError("--gpt is required (or --rfid for a tokenizer alone)")
+    paths = [("--inception", args.inception), ("--tokenizer", args.tokenizer)]
+    paths += [] if args.rfid else [("--gpt", args.gpt)]
+    paths += [("--reference", args.reference)] if args.reference else []
+    for flag, path in paths:
+        if not os.path.exists(path):
+            raise pipeline.PipelineError(f"{flag} not found: {path}")
+    io.check_output_dir(args.out, "--out")
+    if args.reference:
+        ev.check_reference(args.reference)
+
+
+def run(args, hooks=None) -> dict:
+    """``hooks(event, n)``, if given, is called with ``("shard", shards done)`` after each new
+    shard (tests interrupt a run there)."""
     from dar_jax import pipeline
+    from dar_jax.checkpoint import store
+    from dar_jax.cli import gpt_size_flags
+    hooks = hooks or (lambda event, n: None)
     t0 = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
+    check_args(args)
     params = ev.load_inception(args.inception)
     extract = ev.feature_extractor(ev.InceptionConfig(protocol=args.protocol), params,
                                    batch_size=args.inception_batch_size)
     results: dict = {"command": "rfid" if args.rfid else "generation", "inception": args.inception,
                      "protocol": args.protocol}
     if args.rfid:
-        results.update(_rfid(args, extract))
+        results.update(_rfid(args, extract, hooks))
     else:
-        if not args.gpt:
-            raise pipeline.PipelineError("--gpt is required (or --rfid for a tokenizer alone)")
-        models = pipeline.load_models(args.gpt, args.tokenizer, gpt_size=args.gpt_model,
-                                      num_classes=args.num_classes)
+        models = pipeline.load_models(args.gpt, args.tokenizer, **gpt_size_flags(args))
         if args.per_class:
             labels = ev.sample_labels(args.per_class * models.num_classes, models.num_classes, "balanced")
         else:
@@ -171,31 +192,35 @@ def run(args) -> dict:
         settings = _settings(args, ["gpt", "tokenizer", "cfg_scale", "cfg_interval", "top_k", "top_p",
                                     "temperature", "solver", "steps", "seed", "dtype", "labels", "per_class"])
         settings["label_mode"] = "balanced" if args.per_class else args.labels
+        settings["gpt_fingerprint"] = store.fingerprint(models.gpt_params)
+        settings["tokenizer_fingerprint"] = store.fingerprint(models.tok_params)
+        generate = _generation_fn(models, args)
         plan = ev.prepare_shards(os.path.join(args.out, "samples"), labels, args.shard_size, settings)
+        # the reference (checked in check_args) is read before any sample is generated
+        ref = ev.read_reference(args.reference, extract, need_activations=False) if args.reference else None
         results["settings"] = settings
         results["num_samples"] = plan.num_samples
-        results["shards"] = _run_plan(plan, _generation_fn(models, args), "generating", args.quiet)
+        results["shards"] = _run_plan(plan, generate, "generating", args.quiet, hooks)
         if args.npz:
             results["samples_npz"] = ev.assemble_npz(plan, os.path.join(args.out, "samples.npz"))
         stats, logits = ev.sample_features(plan, extract, keep_activations=bool(args.reference))
-        results.update(_metrics(args, stats, logits, extract))
+        results.update(_metrics(args, stats, logits, ref))
     results["seconds"] = time.perf_counter() - t0
     path = os.path.join(args.out, "results.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, default=_json_default)
-    os.replace(tmp, path)
+    from dar_jax import io
+    io.write_file(path, lambda f: f.write(json.dumps(results, indent=1, default=_json_default).encode()))
     print(json.dumps({k: results[k] for k in ("fid", "inception_score", "precision", "recall", "rfid")
                       if k in results}))
     print(f"wrote {path}")
     return results
 
 
-def _metrics(args, stats, logits, extract) -> dict:
+def _metrics(args, stats, logits, ref) -> dict:
     out = {}
-    if args.reference:
-        ref = ev.read_reference(args.reference, extract, need_activations=False,
-                                expected_dim=stats.dim)
+    if ref is not None:
+        if ref.dim != stats.dim:
+            raise ev.FeatureSizeError(f"{args.reference} holds features of size {ref.dim}, the "
+                                      f"samples {stats.dim}")
         out.update(ev.evaluate_features(stats, logits, ref, distance_dtype=args.pr_dtype))
         out["reference"] = ref.meta
     else:
@@ -205,16 +230,13 @@ def _metrics(args, stats, logits, extract) -> dict:
     return out
 
 
-def _rfid(args, extract) -> dict:
+def _rfid(args, extract, hooks) -> dict:
     import jax
     from dar_jax import data, pipeline
     from dar_jax import tokenizer as tok
-    from dar_jax.checkpoint import load_model
+    from dar_jax.checkpoint import store
     from dar_jax.data.augment import center_crop_arr
-    if str(args.tokenizer).endswith((".pt", ".pth")):
-        tok_cfg, tok_params = tok.load_reference_tokenizer(args.tokenizer, keep_repa=False)
-    else:
-        _, tok_cfg, tok_params = load_model(args.tokenizer, kind="tokenizer")
+    tok_cfg, tok_params = pipeline.load_tokenizer(args.tokenizer)
     data_cfg = {"kind": args.data_kind, "name": args.data_name, "data_dir": args.data_dir,
                 "image_size": args.image_size}
     if args.data_kind == "synthetic":
@@ -229,7 +251,7 @@ def _rfid(args, extract) -> dict:
         return np.stack([center_crop_arr(np.asarray(source[int(i)]["image"]), args.image_size)
                          for i in indices]).astype(np.uint8)
 
-    report = {"crops": _run_plan(crops, crop_fn, "center crops", args.quiet)}
+    report = {"crops": _run_plan(crops, crop_fn, "center crops", args.quiet, hooks)}
     ref_path = os.path.join(args.out, "crops_reference.npz")
     if os.path.exists(ref_path):
         ref = ev.read_reference(ref_path)
@@ -237,7 +259,8 @@ def _rfid(args, extract) -> dict:
         ref, _ = ev.sample_features(crops, extract, keep_activations=True)
         ev.save_reference(ref_path, ref)
     recon_settings = {"tokenizer": args.tokenizer, "solver": args.solver, "steps": args.steps,
-                      "seed": args.seed, "crops": crop_settings}
+                      "seed": args.seed, "crops": crop_settings,
+                      "tokenizer_fingerprint": store.fingerprint(tok_params)}
     recon = ev.prepare_shards(os.path.join(args.out, "reconstructions"), np.zeros(n, np.int32),
                               args.shard_size, recon_settings)
     crop_images = {}
@@ -263,7 +286,7 @@ def _rfid(args, extract) -> dict:
         return np.asarray(pipeline.to_uint8(out))
 
     report["reconstructions"] = _run_plan(recon, _batched(recon_fn, args.batch_size, pad=False),
-                                          "reconstructing", args.quiet)
+                                          "reconstructing", args.quiet, hooks)
     stats, logits = ev.sample_features(recon, extract, keep_activations=True)
     metrics = ev.evaluate_features(stats, logits, ref, distance_dtype=args.pr_dtype)
     return {"settings": recon_settings, "num_samples": n, "shards": report, "rfid": metrics["fid"],
@@ -278,7 +301,7 @@ def _json_default(x):
     return str(x)
 
 
-def main(argv=None) -> int:
+def main(argv=None, hooks=None) -> int:
     from dar_jax.cli import guarded_main
     args = build_parser().parse_args(argv)
-    return guarded_main(lambda: run(args))
+    return guarded_main(lambda: run(args, hooks))

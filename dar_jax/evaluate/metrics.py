@@ -333,11 +333,8 @@ def save_reference(path: str | os.PathLike, stats: ReferenceStats) -> None:
                   format=np.asarray(REFERENCE_FORMAT), meta=np.asarray(json.dumps(stats.meta, sort_keys=True)))
     if stats.activations is not None:
         arrays["activations"] = stats.activations
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    from dar_jax import io
+    io.write_file(path, lambda f: np.savez(f, **arrays))
 
 
 def _read_npy_header(f, where: str):
@@ -371,6 +368,34 @@ def npz_batches(path: str | os.PathLike, key: str, batch_size: int) -> Iterator[
             yield np.frombuffer(buf, dtype).reshape((n,) + shape[1:])
 
 
+def check_reference(path: str | os.PathLike) -> None:
+    """Cheap checks of a reference file before any expensive work: readable, plain (no pickled
+    object) arrays, and the members of a dar-jax stats file or an ADM batch. Reads headers and
+    the small members only; raises :class:`ReferenceFileError` naming the file."""
+    path = os.fspath(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            keys = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+        for key in sorted(keys):
+            npz_member_header(path, key)   # refuses object arrays, unknown .npy versions
+        if "format" in keys:
+            with np.load(path, allow_pickle=False) as npz:
+                if str(npz["format"]) != REFERENCE_FORMAT:
+                    raise ReferenceFileError(f"{path}: unknown reference format {str(npz['format'])!r}")
+                missing = {"mu", "sigma", "count", "meta"} - keys
+                if missing:
+                    raise ReferenceFileError(f"{path}: a dar-jax reference without {sorted(missing)}")
+                if not isinstance(json.loads(str(npz["meta"])), dict):
+                    raise ValueError("meta is not a JSON object")
+        elif "arr_0" not in keys and not {"mu", "sigma"} <= keys:
+            raise ReferenceFileError(f"{path} is neither a dar_jax reference (format key) nor an "
+                                     f"ADM batch (arr_0 or mu/sigma); keys: {sorted(keys)}")
+    except MetricInputError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ReferenceFileError(f"cannot read reference file {path}: {type(e).__name__}: {e}") from None
+
+
 def read_reference(path: str | os.PathLike, extract: Callable | None = None, *,
                    need_activations: bool = False, batch_size: int = 500,
                    expected_dim: int | None = None) -> ReferenceStats:
@@ -386,9 +411,16 @@ def read_reference(path: str | os.PathLike, extract: Callable | None = None, *,
     """
     path = os.fspath(path)
     try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ReferenceFileError(f"cannot read reference file {path}: {e}") from None
+        return _read_reference(path, extract, need_activations, batch_size, expected_dim)
+    except MetricInputError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # object arrays (refused: no pickles), broken meta JSON, truncated members, ...
+        raise ReferenceFileError(f"cannot read reference file {path}: {type(e).__name__}: {e}") from None
+
+
+def _read_reference(path, extract, need_activations, batch_size, expected_dim) -> ReferenceStats:
+    npz = np.load(path, allow_pickle=False)
     with npz:
         keys = set(npz.files)
         meta = {"source": path}

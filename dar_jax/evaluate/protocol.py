@@ -8,6 +8,8 @@
 
 Shards are written atomically (temporary file, then rename), so a shard file that exists is
 complete; an interrupted run restarted with the same plan regenerates only the missing shards.
+Shards found on disk are verified (every member's CRC, indices, image shape) before they are
+reused: a damaged one is named, moved aside to ``shard_NNNNN.npz.corrupt`` and regenerated.
 ``generate_fn`` should derive its randomness from the sample indices (e.g.
 ``jax.random.fold_in(key, index)``) so that a sample does not depend on how the run was split
 or resumed. With several processes, shard ``i`` belongs to process ``i % process_count``.
@@ -16,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import uuid
 import zipfile
 from typing import Callable, Iterator
 
@@ -26,6 +28,8 @@ import numpy as np
 
 from dar_jax.evaluate import metrics
 from dar_jax.pipeline import to_uint8  # noqa: F401  (re-exported: the protocol's conversion)
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LABELS = "labels.npy"
@@ -80,14 +84,15 @@ class ShardPlan:
 
 
 def _atomic_write(path: str, write: Callable) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"   # unique across processes and hosts
+    from dar_jax import io
+    io.write_file(path, write)   # temporary names unique across processes and hosts
+
+
+def _shard_files(directory: str) -> list[str]:
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return sorted(f for f in os.listdir(directory) if f.startswith("shard_") and f.endswith(".npz"))
+    except FileNotFoundError:
+        return []
 
 
 def prepare_shards(directory: str | os.PathLike, labels: np.ndarray, shard_size: int,
@@ -107,37 +112,77 @@ def prepare_shards(directory: str | os.PathLike, labels: np.ndarray, shard_size:
     labels = labels.astype(np.int32)
     manifest = {"num_samples": int(len(labels)), "shard_size": int(shard_size),
                 "settings": json.loads(json.dumps(settings or {}, sort_keys=True))}
+    from dar_jax import io
+    try:
+        io.check_output_dir(directory, "shard folder")
+    except io.PathError as e:
+        raise ShardError(str(e)) from None
     os.makedirs(directory, exist_ok=True)
     mpath, lpath = os.path.join(directory, MANIFEST), os.path.join(directory, LABELS)
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            old = json.load(f)
+    # a plan without a single shard on disk holds nothing to mix up: it may be replaced
+    have_samples = bool(_shard_files(directory))
+    if have_samples and not os.path.exists(mpath):
+        raise ShardError(f"{directory} holds shards but no {MANIFEST}, so they cannot be matched to "
+                         "this run; use a new directory")
+    if have_samples:
+        try:
+            with open(mpath) as f:
+                old = json.load(f)
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise ShardError(f"{mpath} is unreadable ({e}), so the samples beside it cannot be "
+                             "matched to this run; use a new directory") from None
         diffs = [k for k in ("num_samples", "shard_size") if old.get(k) != manifest[k]]
         old_s, new_s = old.get("settings", {}), manifest["settings"]
+        old_s = old_s if isinstance(old_s, dict) else {}
         diffs += [f"settings.{k}" for k in sorted(set(old_s) | set(new_s)) if old_s.get(k) != new_s.get(k)]
-        if not diffs and (not os.path.exists(lpath) or not np.array_equal(np.load(lpath), labels)):
-            diffs.append("labels")
+        if not diffs:
+            try:
+                same = np.array_equal(np.load(lpath, allow_pickle=False), labels)
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                diffs.append("labels")
         if diffs:
-            raise ShardError(f"{directory} holds samples of another run (differs in {', '.join(diffs)}); "
-                             "use a new directory or the same settings")
+            why = ""
+            if any(d.endswith("_fingerprint") for d in diffs):
+                why = ": the parameters of a model at the same path changed since these samples were made"
+            raise ShardError(f"{directory} holds samples of another run (differs in {', '.join(diffs)}"
+                             f"{why}); use a new directory or the same settings")
     else:
         _atomic_write(lpath, lambda f: np.save(f, labels))
         _atomic_write(mpath, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
     return ShardPlan(directory, labels, int(shard_size), manifest["settings"])
 
 
-def _shard_ok(plan: ShardPlan, shard: int) -> bool:
+def _shard_ok(plan: ShardPlan, shard: int, verify: bool = False) -> bool:
+    """The shard file is complete and matches the plan; ``verify`` also checks every member's
+    CRC (reading the whole file)."""
     path = plan.path(shard)
     if not os.path.exists(path):
         return False
     try:
-        with np.load(path) as z:
+        if verify:
+            with zipfile.ZipFile(path) as zf:
+                if zf.testzip() is not None:
+                    return False
+        with np.load(path, allow_pickle=False) as z:
             if not np.array_equal(z["indices"], plan.indices(shard)):
                 return False
-        shape, _ = metrics.npz_member_header(path, "images")
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        shape, dtype = metrics.npz_member_header(path, "images")
+    except Exception:  # any damage (zip, CRC, header, pickled members): not a usable shard
         return False
-    return len(shape) == 4 and shape[0] == len(plan.indices(shard))
+    return len(shape) == 4 and shape[0] == len(plan.indices(shard)) and dtype == np.uint8
+
+
+def _move_aside(path: str) -> str:
+    dst, n = path + ".corrupt", 1
+    while os.path.lexists(dst):
+        n += 1
+        dst = f"{path}.corrupt-{n}"
+    os.rename(path, dst)
+    return dst
 
 
 def finished_shards(plan: ShardPlan) -> list[int]:
@@ -166,8 +211,18 @@ def generate_samples(plan: ShardPlan, generate_fn: Callable[[np.ndarray, np.ndar
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     mine = [i for i in range(plan.num_shards) if i % pc == pi]
-    done = set(finished_shards(plan))
+    done, corrupt = set(), []
+    for i in mine:
+        if _shard_ok(plan, i, verify=True):
+            done.add(i)
+        elif os.path.lexists(plan.path(i)):  # damaged: named, kept aside, regenerated
+            moved = _move_aside(plan.path(i))
+            log.warning("shard %d (%s) is damaged: moved it aside to %s and regenerating it",
+                        i, plan.path(i), moved)
+            corrupt.append(i)
     report = {"generated": [], "skipped": [i for i in mine if i in done]}
+    if corrupt:
+        report["corrupt"] = corrupt
     for i in mine:
         if i in done:
             continue
@@ -188,8 +243,15 @@ def iter_shards(plan: ShardPlan) -> Iterator[tuple[np.ndarray, np.ndarray, np.nd
         raise ShardError(f"{plan.directory}: {len(missing)} of {plan.num_shards} shards are missing "
                          f"(first: {missing[:5]}); run the generation again to complete them")
     for i in range(plan.num_shards):
-        with np.load(plan.path(i)) as z:
-            yield z["indices"], z["labels"], z["images"]
+        path = plan.path(i)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                item = z["indices"], z["labels"], z["images"]
+        except Exception as e:  # damaged after it was verified: never read garbage
+            moved = _move_aside(path)
+            raise ShardError(f"shard {i} ({path}) is damaged ({type(e).__name__}: {e}); moved it aside "
+                             f"to {moved}: run the same command again to regenerate it") from None
+        yield item
 
 
 def assemble_npz(plan: ShardPlan, path: str | os.PathLike, labels_key: str | None = "arr_1") -> str:
