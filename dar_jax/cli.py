@@ -4,6 +4,7 @@ expected errors (bad config, data, checkpoints, inputs) become one line on stder
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -64,3 +65,18 @@ def add_gpt_size_flags(ap: argparse.ArgumentParser, *aliases: str) -> None:
 def gpt_size_flags(args) -> dict:
     from dar_jax.checkpoint.reference import GPT_SIZE_FLAGS
     return {k: getattr(args, k) for k in GPT_SIZE_FLAGS}
+
+
+def sampling_flag_errors(args, minimums: dict[str, int]) -> list[str]:
+    """Messages for the sampling flags sample.py and the evaluation command share (steps, top-k,
+    top-p, temperature, CFG interval, seed) and for ``minimums`` ({"--flag": lowest value})."""
+    minimums = {"--steps": 0, "--top-k": 0, "--cfg-interval": -1, **minimums}
+    bad = [f"{flag} must be >= {lo}, got {getattr(args, flag[2:].replace('-', '_'))}"
+           for flag, lo in minimums.items() if getattr(args, flag[2:].replace("-", "_")) < lo]
+    if not 0 <= args.temperature < math.inf:
+        bad.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        bad.append(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if not -2 ** 63 <= args.seed < 2 ** 63:
+        bad.append(f"--seed must fit in 64 bits, got {args.seed}")
+    return bad

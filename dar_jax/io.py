@@ -59,9 +59,12 @@ def write_dir(path: str | os.PathLike, fill: Callable[[str], None], *, replace: 
     """
     path = os.path.abspath(os.fspath(path))
     check_output_dir(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    makedirs(os.path.dirname(path))
     tmp = temp_sibling(path)
-    os.mkdir(tmp)  # mode 0o777 & ~umask, like every other file of the user
+    try:
+        os.mkdir(tmp)  # mode 0o777 & ~umask, like every other file of the user
+    except OSError as e:
+        raise PathError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         fill(tmp)
         if replace and os.path.isdir(path) and os.listdir(path):
@@ -78,6 +81,16 @@ def write_dir(path: str | os.PathLike, fill: Callable[[str], None], *, replace: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def makedirs(path: str | os.PathLike, what: str = "folder") -> str:
+    """``os.makedirs(path, exist_ok=True)`` with a :class:`PathError` naming the path."""
+    path = check_output_dir(path, what)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"cannot create {what} {path}: {e.strerror or e}") from None
     return path
 
 

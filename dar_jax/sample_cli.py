@@ -73,18 +73,10 @@ def plan_labels(classes: list[int], num_images: int, per_class: int) -> np.ndarr
 
 def check_args(args) -> None:
     """Every option that can be checked without reading a file; raises PipelineError naming it."""
+    from dar_jax.cli import sampling_flag_errors
     from dar_jax.pipeline import PipelineError, SampleOptions
-    bad = []
-    for flag, value, lo in [("--batch-size", args.batch_size, 1), ("--num-images", args.num_images, 0),
-                            ("--per-class", args.per_class, 0), ("--steps", args.steps, 0),
-                            ("--top-k", args.top_k, 0), ("--cfg-interval", args.cfg_interval, -1),
-                            ("--size", args.size, 0), ("--layout-groups", args.layout_groups, 0)]:
-        if value < lo:
-            bad.append(f"{flag} must be >= {lo}, got {value}")
-    if not 0 <= args.temperature < math.inf:
-        bad.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        bad.append(f"--top-p must lie in (0, 1], got {args.top_p}")
+    bad = sampling_flag_errors(args, {"--batch-size": 1, "--num-images": 0, "--per-class": 0,
+                                      "--size": 0, "--layout-groups": 0})
     if args.num_images and args.per_class:
         bad.append("give --num-images or --per-class, not both")
     if bad:
@@ -213,7 +205,8 @@ def _sample_and_write(models, labels, opts, out: pathlib.Path, args) -> str:
         bar.close()
     images = np.concatenate(all_images)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        from dar_jax import io
+        io.makedirs(out, "--out")
         _write_outputs(out, images, labels, np.concatenate(all_tokens),
                        np.concatenate(all_strips) if args.previews else None, args)
         print(f"wrote {len(images)} images to {out.resolve()}")

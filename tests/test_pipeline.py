@@ -155,6 +155,7 @@ def test_cli_refuses_bad_options_before_reading_a_model(model_dirs, tmp_path, ca
              (["--per-class", "-2"], "--per-class must be >= 0"),
              (["--num-images", "3", "--per-class", "2"], "not both"),
              (["--top-p", "0"], "--top-p must lie in (0, 1]"),
+             (["--seed", str(2 ** 70)], "--seed must fit in 64 bits"),
              (["--size", "33"], "sizes must be multiples of"),
              (["--out", str(a_file)], "is a file"),
              (["--out", str(a_file / "sub")], "is a file")]

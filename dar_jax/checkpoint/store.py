@@ -200,6 +200,8 @@ def read_model_meta(path: str) -> dict:
         raise CheckpointError(f"{cfg_path} is unreadable or corrupt: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "kind" not in meta:
         raise CheckpointError(f"{cfg_path} is not a {FORMAT} config")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{cfg_path} is corrupt: its 'config' is not a mapping")
     return meta
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -139,18 +138,9 @@ def _settings(args, keys) -> dict:
 def check_args(args) -> None:
     """Every option and input path, before anything is loaded, generated or written."""
     from dar_jax import io, pipeline
-    bad = []
-    for flag, value, lo in [("--num-samples", args.num_samples, 1), ("--batch-size", args.batch_size, 1),
-                            ("--shard-size", args.shard_size, 1), ("--per-class", args.per_class, 0),
-                            ("--inception-batch-size", args.inception_batch_size, 1),
-                            ("--image-size", args.image_size, 1), ("--steps", args.steps, 0),
-                            ("--top-k", args.top_k, 0), ("--cfg-interval", args.cfg_interval, -1)]:
-        if value < lo:
-            bad.append(f"{flag} must be >= {lo}, got {value}")
-    if not 0 <= args.temperature < math.inf:
-        bad.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        bad.append(f"--top-p must lie in (0, 1], got {args.top_p}")
+    from dar_jax.cli import sampling_flag_errors
+    bad = sampling_flag_errors(args, {"--num-samples": 1, "--batch-size": 1, "--shard-size": 1,
+                                      "--per-class": 0, "--inception-batch-size": 1, "--image-size": 1})
     if bad:
         raise pipeline.PipelineError("; ".join(bad))
     pipeline.SampleOptions(cfg_scale=args.cfg_scale, solver=args.solver)  # malformed "a,b", solver

@@ -114,10 +114,9 @@ def prepare_shards(directory: str | os.PathLike, labels: np.ndarray, shard_size:
                 "settings": json.loads(json.dumps(settings or {}, sort_keys=True))}
     from dar_jax import io
     try:
-        io.check_output_dir(directory, "shard folder")
+        io.makedirs(directory, "shard folder")
     except io.PathError as e:
         raise ShardError(str(e)) from None
-    os.makedirs(directory, exist_ok=True)
     mpath, lpath = os.path.join(directory, MANIFEST), os.path.join(directory, LABELS)
     # a plan without a single shard on disk holds nothing to mix up: it may be replaced
     have_samples = bool(_shard_files(directory))

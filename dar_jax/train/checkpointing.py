@@ -110,7 +110,7 @@ class TrainCheckpoints:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def _restore_one(self, s: int, abstract_state):
+    def _restore_one(self, s: int, abstract_state, data_template):
         try:
             saved = _saved_leaves(self.manager.item_metadata(s)["state"].tree)
         except Exception as e:  # unreadable metadata: corrupt
@@ -127,6 +127,9 @@ class TrainCheckpoints:
         except Exception as e:  # corrupt or partial
             raise _Corrupt(f"{type(e).__name__}: {str(e)[:300]}") from None
         state, data = out["state"], out["data"]
+        if isinstance(data_template, dict) and (not isinstance(data, dict) or set(data) != set(data_template)):
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise _Corrupt(f"its data iterator state has {got}, expected the keys {sorted(data_template)}")
         state_step = _host_int(state["step"]) if "step" in state else s
         if state_step != s:
             raise _Corrupt(f"its train state is at step {state_step}")
@@ -140,18 +143,19 @@ class TrainCheckpoints:
                                "would not replay the right batches")
         return s, state, data, out["meta"]
 
-    def restore(self, abstract_state, step: int | None = None):
+    def restore(self, abstract_state, step: int | None = None, data_template: Any = None):
         """Restores (step, state, data_state, meta) from ``step`` or the latest good checkpoint.
 
-        ``abstract_state`` is a ShapeDtypeStruct pytree with the target shardings. Returns None
-        when there is no checkpoint. Corrupt newer checkpoints are moved to ``<step>.corrupt``
-        once an older one restored.
+        ``abstract_state`` is a ShapeDtypeStruct pytree with the target shardings;
+        ``data_template``, a fresh data iterator's state: a saved state with other keys is
+        corrupt. Returns None when there is no checkpoint. Corrupt newer checkpoints are moved
+        to ``<step>.corrupt`` once an older one restored.
         """
         candidates = [step] if step is not None else list(reversed(self.steps()))
         errors, corrupt = [], []
         for s in candidates:
             try:
-                restored = self._restore_one(s, abstract_state)
+                restored = self._restore_one(s, abstract_state, data_template)
             except _Corrupt as e:
                 msg = f"checkpoint step {s} in {self.directory} could not be restored ({e})"
                 errors.append(msg)

@@ -269,7 +269,7 @@ class Trainer:
                               process_count=jax.process_count())
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_state, state_sh)
-        restored = ckpts.restore(target)
+        restored = ckpts.restore(target, data_template=data.get_state())
         if restored is not None:
             start, state, saved_data, _ = restored
             if saved_data:
