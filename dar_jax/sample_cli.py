@@ -13,15 +13,50 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO / "models" / "default"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sample.py", description="Sample images with D-AR.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags naming the models (sample.py, the web demo): --gpt, --tokenizer, the size of a
+    GPT .pt, --dtype. :func:`load_models` reads them."""
     ap.add_argument("--gpt", default=str(DEFAULT_MODEL_DIR / "gpt"),
                     help="GPT model directory (dar-jax) or the reference's .pt (needs --gpt-model)")
     ap.add_argument("--tokenizer", default=str(DEFAULT_MODEL_DIR / "tokenizer"),
                     help="tokenizer model directory (dar-jax) or the reference's .pt")
     ap.add_argument("--gpt-model", default=None, help="size of a GPT .pt: GPT-B | GPT-L | GPT-XL")
     ap.add_argument("--num-classes", type=int, default=1000, help="classes of a GPT .pt")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="compute dtype (default: the models' own)")
+
+
+def load_models(args):
+    """The models named by :func:`add_model_arguments`' flags (missing or corrupt files: one
+    clear error, with how to restore the shipped default model when it is the one)."""
+    from dar_jax import pipeline
+    from dar_jax.pipeline import PipelineError
+
+    def default_hint(path, what):
+        if str(DEFAULT_MODEL_DIR) not in os.path.abspath(path):
+            return ""
+        return (f" (the shipped default model {what}: restore it with "
+                "`git checkout -- models/default` or retrain it with scripts/train_default.sh)")
+
+    for path in (args.gpt, args.tokenizer):
+        if not os.path.exists(path):
+            raise PipelineError(f"checkpoint not found: {path}{default_hint(path, 'is missing')}")
+    try:
+        return pipeline.load_models(args.gpt, args.tokenizer, gpt_size=args.gpt_model,
+                                    num_classes=args.num_classes)
+    except PipelineError:
+        raise
+    except Exception as e:
+        from dar_jax.cli import expected_errors
+        if isinstance(e, expected_errors()):
+            raise type(e)(f"{e}{default_hint(args.gpt, 'looks corrupt')}") from None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sample.py", description="Sample images with D-AR.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(ap)
     ap.add_argument("--classes", default="all", help='"all" or a comma-separated list of class ids')
     ap.add_argument("--num-images", type=int, default=0,
                     help="images to sample (cycling through --classes); 0 = one per class")
@@ -36,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=0, help="decoder steps (0: the tokenizer's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--size", type=int, default=0, help="decode resolution (0: the tokenizer's)")
     ap.add_argument("--out", default="samples", help="output directory")
     ap.add_argument("--previews", dest="previews", action="store_true", default=True,
@@ -80,29 +114,9 @@ def run(args) -> str:
 
     if args.batch_size < 1:
         raise PipelineError("--batch-size must be >= 1")
-    for path in (args.gpt, args.tokenizer):
-        if not os.path.exists(path):
-            hint = ""
-            if str(DEFAULT_MODEL_DIR) in os.path.abspath(path):
-                hint = (" (the shipped default model is missing: restore it with "
-                        "`git checkout -- models/default` or retrain it with scripts/train_default.sh)")
-            raise PipelineError(f"checkpoint not found: {path}{hint}")
     from dar_jax.ar import parse_cfg_scale
     parse_cfg_scale(args.cfg_scale)  # malformed "a,b" fails before anything is loaded
-    try:
-        models = pipeline.load_models(args.gpt, args.tokenizer, gpt_size=args.gpt_model,
-                                      num_classes=args.num_classes)
-    except PipelineError:
-        raise
-    except Exception as e:
-        from dar_jax.cli import expected_errors
-        if isinstance(e, expected_errors()):
-            hint = ""
-            if str(DEFAULT_MODEL_DIR) in os.path.abspath(args.gpt):
-                hint = (" (the shipped default model looks corrupt: restore it with "
-                        "`git checkout -- models/default` or retrain it with scripts/train_default.sh)")
-            raise type(e)(f"{e}{hint}") from None
-        raise
+    models = load_models(args)
     classes = parse_classes(args.classes, models.num_classes)
     labels = plan_labels(classes, args.num_images, args.per_class)
     opts = pipeline.SampleOptions(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
@@ -188,19 +202,24 @@ def _write_outputs(out: pathlib.Path, images: np.ndarray, labels: np.ndarray, to
             save(out / f"{i:06d}_class{int(lab)}.png", img)
             if strips is not None:
                 save(out / f"{i:06d}_class{int(lab)}_previews.png", np.concatenate(list(strips[i]), axis=1))
-        cols = int(math.ceil(math.sqrt(len(images))))
-        save(out / "grid.png", make_grid(images, cols))
+        save(out / "grid.png", make_grid(images))
         if strips is not None:
-            rows = [np.concatenate(list(s), axis=1) for s in strips]
-            save(out / "previews.png", np.concatenate(rows, axis=0))
+            save(out / "previews.png", preview_sheet(strips))
     if args.npz:
         tmp = out / "samples.npz.tmp.npz"
         np.savez(tmp, arr_0=images, arr_1=labels, tokens=tokens)
         os.replace(tmp, out / "samples.npz")
 
 
-def make_grid(images: np.ndarray, cols: int) -> np.ndarray:
+def preview_sheet(strips: np.ndarray) -> np.ndarray:
+    """(B, G, H, W, C) previews -> (B H, G W, C): one row per image, one column per group."""
+    return np.concatenate([np.concatenate(list(s), axis=1) for s in strips], axis=0)
+
+
+def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """(N, H, W, C) -> one image, ``cols`` per row (default: ceil(sqrt(N)), as grid.png)."""
     n, h, w, c = images.shape
+    cols = cols or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
     grid = np.zeros((rows * h, cols * w, c), np.uint8)
     for i, img in enumerate(images):
