@@ -357,8 +357,13 @@ def _fetch(server, url) -> np.ndarray:
         return read_png(r.read())
 
 
+ELEM_IDS = ("class", "seed", "cfg", "generate", "preview", "final", "group_counter", "layout_image",
+            "layout_groups", "error", "previews", "download")
+
+
 def test_page_streams_a_preview_per_group_then_the_final_image(server, browser, models):
     _open(browser, server)
+    assert [i for i in ELEM_IDS if not _all(browser, f"#{i}")] == []
     _pick_class(browser, "3: yellow plus")
     _type(browser, "#seed input", "5")
     before = _src(browser, "#preview")

@@ -1,8 +1,10 @@
 """The web page: a thin gradio layer over :class:`dar_jax.demo.engine.Engine`.
 
-Routes: ``/`` (the page), ``GET /health`` (JSON: model, classes, groups), and the gradio API
-with one public endpoint, ``/generate``, which streams exactly G updates ``(PNG file, group)``
-for G token groups, the G-th image being the final one. Every request (page or API) goes
+Routes: ``/`` (the page; stable ``elem_id``s: class, seed, cfg, generate, preview, final,
+group_counter, layout_image, layout_groups, error, previews, download), ``GET /health`` (JSON:
+model, classes, groups, compilations so far), and the gradio API with one public endpoint,
+``/generate``, which streams exactly G updates ``(PNG file, group)`` for G token groups, the
+G-th image being the final one. Every request (page or API) goes
 through gradio's queue, ``concurrency`` at a time, and a waiting user sees their position.
 
 Nothing leaves the machine: analytics and the version check are off, fonts are the ones
@@ -26,9 +28,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dar_jax.demo.engine import Engine, Frame, previews_image  # noqa: E402
-
-ELEM_IDS = ("class", "seed", "cfg", "generate", "preview", "final", "group_counter",
-            "layout_image", "layout_groups", "error")
+from dar_jax.sampling import SOLVERS  # noqa: E402
 
 CSS = """
 #preview .image-frame img, #final .image-frame img, #previews .image-frame img {
@@ -107,7 +107,7 @@ def build(engine: Engine, *, concurrency: int = 1, queue_size: int = 32,
                                      elem_id="temperature")
                     top_k = gr.Number(d["top_k"], label="top-k (0: off)", precision=0, elem_id="top_k")
                     top_p = gr.Slider(0.01, 1, value=d["top_p"], step=0.01, label="top-p", elem_id="top_p")
-                    solver = gr.Dropdown(["euler", "adams2", "heun", "dpmpp_2m"], value=d["solver"],
+                    solver = gr.Dropdown(list(SOLVERS), value=d["solver"],
                                          label="solver", elem_id="solver")
                     steps = gr.Number(d["steps"], label="decoder steps", precision=0, elem_id="steps")
                 with gr.Accordion("layout from an image", open=True):
@@ -144,9 +144,10 @@ def build(engine: Engine, *, concurrency: int = 1, queue_size: int = 32,
             return f"**Error:** {message}"
 
         def ui_generate(*raw):
+            values = dict(zip(names, raw))
+            values["layout_image"] = _path(values["layout_image"])
             try:
-                req = engine.request(**dict(zip(names, raw[:-2])), layout_image=_path(raw[-2]),
-                                     layout_groups=raw[-1])
+                req = engine.request(**values)
             except _expected_errors() as e:
                 yield {error: show_error(str(e))}
                 return
@@ -194,8 +195,7 @@ def build(engine: Engine, *, concurrency: int = 1, queue_size: int = 32,
         api_trigger.click(api_generate, inputs, [api_image, api_group], api_name="generate", **common)
         layout.upload(check_layout, [layout], [error], api_visibility="private", preprocess=False,
                       queue=False)
-        layout.clear(lambda: "", None, [error], api_visibility="private",
-                     queue=False)
+        layout.clear(lambda: "", None, [error], api_visibility="private", queue=False)
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency)
     return demo
 
