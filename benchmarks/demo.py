@@ -141,6 +141,7 @@ def main():
         finally:
             server.should_exit = True
             thread.join(30)
+            server.config.app.state.downloads.close()
         row = dict(model=name, resolution=engine.resolution, groups=engine.groups, compile_s=compile_s,
                    engine_first_s=e_first, engine_final_s=e_final, server_first_s=s_first,
                    server_final_s=s_final, first_over_final=s_first / s_final)

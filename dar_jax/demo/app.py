@@ -12,6 +12,7 @@ gradio ships, there is no share link, run history or MCP server.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import shutil
@@ -66,6 +67,7 @@ class Downloads:
         self.keep = keep
         self._dirs: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
+        atexit.register(self.close)
 
     def save(self, image: np.ndarray, name: str) -> str:
         d = tempfile.mkdtemp(dir=self.root)
