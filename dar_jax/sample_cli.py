@@ -13,13 +13,53 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO / "models" / "default"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sample.py", description="Sample images with D-AR.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags naming the models (sample.py, the web demo): --gpt, --tokenizer, the size of a
+    GPT .pt, --dtype. :func:`load_models` reads them."""
     ap.add_argument("--gpt", default=str(DEFAULT_MODEL_DIR / "gpt"),
                     help="GPT model directory (dar-jax) or the reference's .pt (size inferred)")
     ap.add_argument("--tokenizer", default=str(DEFAULT_MODEL_DIR / "tokenizer"),
                     help="tokenizer model directory (dar-jax) or the reference's .pt")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="compute dtype (default: the models' own)")
+    from dar_jax.cli import add_gpt_size_flags
+    add_gpt_size_flags(ap)
+
+
+def check_model_paths(args) -> None:
+    from dar_jax.pipeline import PipelineError
+    for path in (args.gpt, args.tokenizer):
+        if not os.path.exists(path):
+            raise PipelineError(f"checkpoint not found: {path}{_default_model_hint(path, 'missing')}")
+
+
+def load_models(args, size: int | None = None, classes: str | None = None):
+    """The models named by :func:`add_model_arguments`' flags. Missing or corrupt files: one
+    clear error, with how to restore the shipped default model when it is the one. ``size`` (a
+    decode resolution) and ``classes`` (--classes text) are checked against the models' configs
+    before their weights are read."""
+    from dar_jax import pipeline, sampling
+    from dar_jax.cli import gpt_size_flags
+
+    check_model_paths(args)
+    tok_cfg = _load(lambda: pipeline.model_config(args.tokenizer, "tokenizer"), args.tokenizer)
+    if tok_cfg is not None and size:
+        sampling.check_size(tok_cfg, size)
+    gpt_cfg = _load(lambda: pipeline.model_config(args.gpt, "gpt"), args.gpt)
+    if gpt_cfg is not None and classes is not None:
+        parse_classes(classes, gpt_cfg.num_classes)
+    tok_cfg, tok_params = _load(lambda: pipeline.load_tokenizer(args.tokenizer), args.tokenizer)
+    if size:
+        sampling.check_size(tok_cfg, size)
+    gpt_cfg, gpt_params = _load(lambda: pipeline.load_gpt(
+        args.gpt, default_block_size=tok_cfg.num_all_queries, **gpt_size_flags(args)), args.gpt)
+    return pipeline.make_models(gpt_cfg, gpt_params, tok_cfg, tok_params)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sample.py", description="Sample images with D-AR.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(ap)
     ap.add_argument("--classes", default="all", help='"all" or a comma-separated list of class ids')
     ap.add_argument("--num-images", type=int, default=0,
                     help="images to sample (cycling through --classes); 0 = one per class")
@@ -34,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=0, help="decoder steps (0: the tokenizer's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--size", type=int, default=0, help="decode resolution (0: the tokenizer's)")
     ap.add_argument("--out", default="samples", help="output directory")
     ap.add_argument("--previews", dest="previews", action="store_true", default=True,
@@ -45,8 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layout-groups", type=int, default=2)
     ap.add_argument("--npz", action="store_true", help="also write the ADM evaluator's sample batch")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    from dar_jax.cli import add_gpt_size_flags
-    add_gpt_size_flags(ap)
     return ap
 
 
@@ -116,31 +153,17 @@ def output_names(labels: np.ndarray, args) -> list[str]:
 
 
 def run(args) -> str:
-    from dar_jax import io, pipeline, sampling
-    from dar_jax.cli import gpt_size_flags
+    from dar_jax import io, pipeline
     from dar_jax.pipeline import PipelineError
 
     # everything that can be checked before a model is read, then before anything is written
     check_args(args)
-    for path in (args.gpt, args.tokenizer):
-        if not os.path.exists(path):
-            raise PipelineError(f"checkpoint not found: {path}{_default_model_hint(path, 'missing')}")
+    check_model_paths(args)
     if args.layout_from and not os.path.isfile(args.layout_from):
         raise PipelineError(f"layout image not found: {args.layout_from}")
     out = pathlib.Path(io.check_output_dir(args.out, "--out"))
     size = args.size or None
-    tok_cfg = _load(lambda: pipeline.model_config(args.tokenizer, "tokenizer"), args.tokenizer)
-    if tok_cfg is not None and size:
-        sampling.check_size(tok_cfg, size)
-    gpt_cfg = _load(lambda: pipeline.model_config(args.gpt, "gpt"), args.gpt)
-    if gpt_cfg is not None:
-        parse_classes(args.classes, gpt_cfg.num_classes)
-    tok_cfg, tok_params = _load(lambda: pipeline.load_tokenizer(args.tokenizer), args.tokenizer)
-    if size:
-        sampling.check_size(tok_cfg, size)
-    gpt_cfg, gpt_params = _load(lambda: pipeline.load_gpt(
-        args.gpt, default_block_size=tok_cfg.num_all_queries, **gpt_size_flags(args)), args.gpt)
-    models = pipeline.make_models(gpt_cfg, gpt_params, tok_cfg, tok_params)
+    models = load_models(args, size, classes=args.classes)
     classes = parse_classes(args.classes, models.num_classes)
     labels = plan_labels(classes, args.num_images, args.per_class)
     for name in output_names(labels, args):
@@ -235,17 +258,22 @@ def _write_outputs(out: pathlib.Path, images: np.ndarray, labels: np.ndarray, to
             save(out / f"{i:06d}_class{int(lab)}.png", img)
             if strips is not None:
                 save(out / f"{i:06d}_class{int(lab)}_previews.png", np.concatenate(list(strips[i]), axis=1))
-        cols = int(math.ceil(math.sqrt(len(images))))
-        save(out / "grid.png", make_grid(images, cols))
+        save(out / "grid.png", make_grid(images))
         if strips is not None:
-            rows = [np.concatenate(list(s), axis=1) for s in strips]
-            save(out / "previews.png", np.concatenate(rows, axis=0))
+            save(out / "previews.png", preview_sheet(strips))
     if args.npz:
         io.write_file(out / "samples.npz", lambda f: np.savez(f, arr_0=images, arr_1=labels, tokens=tokens))
 
 
-def make_grid(images: np.ndarray, cols: int) -> np.ndarray:
+def preview_sheet(strips: np.ndarray) -> np.ndarray:
+    """(B, G, H, W, C) previews -> (B H, G W, C): one row per image, one column per group."""
+    return np.concatenate([np.concatenate(list(s), axis=1) for s in strips], axis=0)
+
+
+def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """(N, H, W, C) -> one image, ``cols`` per row (default: ceil(sqrt(N)), as grid.png)."""
     n, h, w, c = images.shape
+    cols = cols or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
     grid = np.zeros((rows * h, cols * w, c), np.uint8)
     for i, img in enumerate(images):

@@ -300,9 +300,13 @@ def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
             raise SamplingError(f"prefix must be (B={b}, >= prefix_len={prefix_len}); got {prefix.shape}")
         if not 0 <= prefix_len <= n:
             raise SamplingError(f"prefix_len {prefix_len} outside [0, {n}]")
-        pre = np.asarray(prefix[:, :prefix_len])
-        if pre.size and (pre.min() < 0 or pre.max() >= cfg.vocab_size):
-            raise SamplingError(f"prefix tokens must lie in [0, {cfg.vocab_size})")
+        if prefix_len:
+            # masked rather than sliced: the same small programs for every prefix length
+            kept = jnp.arange(prefix.shape[1]) < prefix_len
+            lo = int(jnp.min(jnp.where(kept, prefix, 0)))
+            hi = int(jnp.max(jnp.where(kept, prefix, 0)))
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise SamplingError(f"prefix tokens must lie in [0, {cfg.vocab_size})")
         prefix = jnp.pad(prefix[:, :n], ((0, 0), (0, max(0, n - prefix.shape[1]))))
     st = _Static(num_tokens=n, cfg_active=sched.active, top_k=int(top_k),
                  use_top_p=top_p < 1.0, greedy=bool(greedy), cfg_interval=int(cfg_interval))
