@@ -54,8 +54,9 @@ class Task:
     def logical_axes(self):
         raise NotImplementedError
 
-    def loss(self, params, batch, key, consts, step):
-        """-> (scalar loss, {name: scalar metric})."""
+    def loss(self, params, batch, key, consts, step, target):
+        """-> (scalar loss, {name: scalar metric}); ``target``: the program's platform, mesh and
+        rules (``dar_jax.parallel.Target``), passed to the model."""
         raise NotImplementedError
 
     def init_extra(self, key, params):
@@ -68,6 +69,11 @@ class Task:
     def consts(self):
         """Frozen inputs of the step (e.g. a tokenizer's params); replicated."""
         return {}
+
+    def abstract_batch(self, global_batch: int) -> dict:
+        """ShapeDtypeStructs of one global batch as ``prepare_batch`` makes it (for compiling
+        the step without data, ``dar_jax.aot``)."""
+        raise NotImplementedError
 
     def make_data(self, *, split: str, process_index: int, process_count: int):
         """Iterator of per-process batches (dicts of NumPy arrays) with get_state/set_state."""
@@ -83,12 +89,12 @@ class Task:
     def tokens_per_example(self) -> int:
         return 1
 
-    def train_step(self, state, batch, consts, *, tx, ema_decay: float):
+    def train_step(self, state, batch, consts, *, tx, ema_decay: float, target):
         """Default step: gradients of ``loss``, optimizer update, optional EMA."""
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(
-            state["params"], batch, key, consts, step)
+            state["params"], batch, key, consts, step, target)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = dict(state, params=params, opt_state=opt_state, step=step + 1)
@@ -97,8 +103,9 @@ class Task:
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
         return new, metrics
 
-    def evaluate(self, state, step: int, writer: MetricsWriter) -> dict:
-        """Optional periodic evaluation (runs on every process; writes from process 0)."""
+    def evaluate(self, state, step: int, writer: MetricsWriter, target) -> dict:
+        """Optional periodic evaluation, on the trainer's ``target`` (every process takes part;
+        the returned metrics are the same on all of them; files are written by process 0)."""
         return {}
 
 
@@ -132,6 +139,7 @@ class Trainer:
         self.ema_decay = float(_get(tr, "ema_decay", 0.0))
         self.mesh = parallel.make_mesh(dict(cfg.mesh), devices)
         self.rules = parallel.normalize_rules(cfg.sharding_rules)
+        self.target = parallel.target_for(self.mesh, self.rules)
         div = parallel.batch_divisor(self.mesh, self.rules)
         if self.global_batch % div:
             raise ConfigError(f"global batch {self.global_batch} is not divisible by the data axes "
@@ -158,6 +166,34 @@ class Trainer:
         if "ema" in abstract_state:
             sh["ema"] = p_sh
         return sh
+
+    def abstract_state(self, seed: int = 0):
+        """(abstract state with shardings, state shardings): the step's first argument."""
+        abstract = jax.eval_shape(self._init_state, jax.random.key(seed))
+        shardings = self._state_shardings(abstract)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abstract, shardings)
+        return state, shardings
+
+    def lower_train_step(self, abstract_batch, consts, state=None) -> jax.stages.Lowered:
+        """The train step (jit with explicit in/out shardings, state donated) lowered for the
+        mesh's devices: what ``run`` compiles, and what ``dar_jax.aot`` compiles for a TPU
+        topology. ``abstract_batch``: ShapeDtypeStructs of a global batch; ``consts``: the
+        task's consts (arrays or ShapeDtypeStructs)."""
+        mesh = self.mesh
+        if state is None:
+            state, state_sh = self.abstract_state()
+        else:
+            state_sh = jax.tree.map(lambda a: a.sharding, state)
+        batch_sh = parallel.batch_shardings(abstract_batch, mesh, self.rules)
+        batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abstract_batch, batch_sh)
+        consts_sh = jax.tree.map(lambda _: parallel.replicated(mesh), consts)
+        step_fn = functools.partial(self.task.train_step, tx=self.tx, ema_decay=self.ema_decay,
+                                    target=self.target)
+        return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
+                       out_shardings=(state_sh, parallel.replicated(mesh)),
+                       donate_argnums=(0,)).lower(state, batch, consts)
 
     # --- signals -----------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -199,13 +235,10 @@ class Trainer:
     def _run(self, cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg):
         mesh = self.mesh
         task.workdir = self.workdir
-        abstract_state = jax.eval_shape(self._init_state, jax.random.key(seed))
-        state_sh = self._state_shardings(abstract_state)
+        abstract, state_sh = self.abstract_state(seed)
         data = task.make_data(split="train", process_index=jax.process_index(),
                               process_count=jax.process_count())
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, state_sh)
-        restored = ckpts.restore(target)
+        restored = ckpts.restore(abstract)
         if restored is not None:
             start, state, data_state, _ = restored
             if data_state:
@@ -219,16 +252,11 @@ class Trainer:
         consts = jax.device_put(consts, consts_sh)
 
         first = task.prepare_batch(next(data))
-        batch_sh = parallel.batch_shardings(first, mesh, self.rules)
-        step_fn = functools.partial(task.train_step, tx=self.tx, ema_decay=self.ema_decay)
         abstract_batch = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct((self.global_batch,) + np.shape(x)[1:], np.asarray(x).dtype, sharding=s),
-            first, batch_sh)
+            lambda x: jax.ShapeDtypeStruct((self.global_batch,) + np.shape(x)[1:], np.asarray(x).dtype),
+            first)
         t0 = time.perf_counter()
-        with jax.set_mesh(mesh):  # attention kernels run per shard under the active mesh
-            compiled = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
-                               out_shardings=(state_sh, parallel.replicated(mesh)),
-                               donate_argnums=(0,)).lower(target, abstract_batch, consts).compile()
+        compiled = self.lower_train_step(abstract_batch, consts, abstract).compile()
         log.info("train step compiled in %.1f s", time.perf_counter() - t0)
 
         meta = {"kind": task.kind, "model_config": _dataclass_dict(task.model_cfg),
@@ -248,7 +276,7 @@ class Trainer:
         step = start
         batch = first
         if eval_every and start == 0:  # the baseline every later evaluation is compared with
-            writer.write(0, task.evaluate(state, 0, writer))
+            writer.write(0, task.evaluate(state, 0, writer, self.target))
         while step < self.total_steps:
             if self._should_stop(step):
                 self._flush(pending, writer, last_metrics)
@@ -274,7 +302,7 @@ class Trainer:
                 self._check_finite(step, metrics)
                 ckpts.save(step, state, data.get_state(), meta)
             if eval_every and step % eval_every == 0:
-                writer.write(step, task.evaluate(state, step, writer))
+                writer.write(step, task.evaluate(state, step, writer, self.target))
             if kill_at and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step < self.total_steps:
@@ -285,10 +313,14 @@ class Trainer:
         if bar is not None:
             bar.close()
         final = state.get("ema", state["params"]) if self.ema_decay > 0 else state["params"]
-        if self.is_main and task.kind:
-            store.save_model(os.path.join(self.workdir, "model"), task.kind, task.model_cfg,
-                             jax.device_get(final), extra={"step": step, "ema": self.ema_decay > 0},
-                             storage_dtype=str(_get(self.cfg.checkpoint, "export_dtype", "float32")))
+        if task.kind:
+            # every process takes part in the gather (the params may span hosts); one writes
+            host_params = parallel.gather_to_host(final)
+            if self.is_main:
+                store.save_model(os.path.join(self.workdir, "model"), task.kind, task.model_cfg,
+                                 host_params, extra={"step": step, "ema": self.ema_decay > 0},
+                                 storage_dtype=str(_get(self.cfg.checkpoint, "export_dtype", "float32")))
+            _barrier("dar_export")
         return {"step": step, "start_step": start, "stopped": False, **last_metrics}
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -329,6 +361,13 @@ def _dataclass_dict(obj):
     import dataclasses
     from dar_jax.config import to_dict
     return to_dict(obj) if dataclasses.is_dataclass(obj) else None
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (no-op on one): nobody reads an export before it is complete."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _main_thread() -> bool:
