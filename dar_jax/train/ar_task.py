@@ -113,7 +113,13 @@ class ARTask(Task):
         return out
 
     def flops_per_example(self):
-        return gpt_train_flops_per_example(self.model_cfg)
+        """GPT forward + backward, plus the frozen tokenizer's encoder forward when images are
+        tokenized in the step (work the step does, so MFU counts it)."""
+        flops = gpt_train_flops_per_example(self.model_cfg)
+        if self.tokenizer is not None and self.cfg.data.kind != "codes":
+            from dar_jax.train.tokenizer_task import encoder_flops
+            flops += encoder_flops(self.tokenizer[1], int(self.cfg.data.image_size))
+        return flops
 
     # --- evaluation: cheap FID / IS of samples (eval.fid_num_samples > 0) ------------------------
     def evaluate(self, state, step, writer, target):

@@ -247,9 +247,7 @@ class Trainer:
         else:
             start = 0
             state = jax.jit(self._init_state, out_shardings=state_sh)(jax.random.key(seed))
-        consts = task.consts()
-        consts_sh = jax.tree.map(lambda _: parallel.replicated(mesh), consts)
-        consts = jax.device_put(consts, consts_sh)
+        consts = parallel.put_global(task.consts(), parallel.replicated(mesh))  # host values
 
         first = task.prepare_batch(next(data))
         abstract_batch = jax.tree.map(
@@ -346,8 +344,9 @@ class Trainer:
                 values["tflops_per_s_per_device"] = sps * flops_per_step / jax.device_count() / 1e12
                 if peak:
                     values["mfu"] = mfu(sps * flops_per_step, peak, jax.device_count())
-        writer.write(step, values)
-        log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        writer.write(step, values)   # process 0 only (the writer of the other processes is off)
+        if self.is_main:
+            log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
         return values
 
     def _flush(self, pending, writer, last, window_start=None, window_steps=0, flops=0.0, tokens=0, peak=0.0):

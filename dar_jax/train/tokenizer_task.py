@@ -115,8 +115,9 @@ class TokenizerTask(Task):
     kind = "tokenizer"
 
     def __init__(self, cfg, abstract_perceptual: bool = False):
-        """``abstract_perceptual``: LPIPS and DINOv2 (ViT-B/14) with abstract weights, whatever
-        ``cfg.perceptual`` names (compiling the step without weight files: ``dar_jax.aot``)."""
+        """``abstract_perceptual``: LPIPS and (with ``model.repa_projector``) DINOv2 ViT-B/14 with
+        abstract weights, whatever ``cfg.perceptual`` names (compiling the step without weight
+        files: ``dar_jax.aot``)."""
         self.cfg = cfg
         self.model_cfg = tokenizer_config_from_run(cfg.model)
         self.loss_cfg = from_mapping(LossConfig, as_plain(cfg.loss), where="loss")
@@ -126,10 +127,9 @@ class TokenizerTask(Task):
         if abstract_perceptual:
             from dar_jax.train import dinov2, lpips
             self.lpips = lpips.abstract_params()
-            dcfg = dinov2.dinov2_config("vitb14")
-            self.dino = (dcfg, dinov2.abstract_params(dcfg))
-            if not self.model_cfg.repa_projector:
-                raise ConfigError("REPA needs model.repa_projector = True")
+            if self.model_cfg.repa_projector:
+                dcfg = dinov2.dinov2_config("vitb14")
+                self.dino = (dcfg, dinov2.abstract_params(dcfg))
         elif p.lpips_vgg or p.lpips_heads:
             if not (p.lpips_vgg and p.lpips_heads):
                 raise ConfigError("LPIPS needs both perceptual.lpips_vgg and perceptual.lpips_heads")
@@ -357,23 +357,34 @@ def quantizer_usage_len() -> int:
     return USAGE_BUFFER
 
 
+def _block_flops(tokens: int, d: int, ctx: float) -> float:
+    """Forward FLOPs of a pre-LN block: q/k/v/out projections, 4x MLP, attention over ctx keys."""
+    return tokens * (2 * 4 * d * d + 2 * 8 * d * d) + 2 * 2 * tokens * ctx * d
+
+
+def encoder_flops(cfg: tok.TokenizerConfig, image_size: int) -> float:
+    """Forward FLOPs of the encoder for one image (patches + queries, prefix-causal)."""
+    n_patch = (image_size // cfg.encoder_patch_size) ** 2
+    tokens = n_patch + cfg.num_all_queries
+    return cfg.num_encoder_layers * _block_flops(tokens, cfg.encoder_dim, tokens)
+
+
+def diffusion_flops(cfg: tok.TokenizerConfig, height: int, width: int | None = None) -> float:
+    """Forward FLOPs of one evaluation of the diffusion decoder for one image."""
+    dd, p = cfg.diff_decoder.dim, cfg.diff_decoder.patch_size
+    n_pix = (height // p) * ((width or height) // p)
+    per_sit = (_block_flops(n_pix, dd, n_pix) + n_pix * (2 * 2 * dd * dd + 2 * 6 * dd * dd)
+               + 2 * 2 * n_pix * cfg.queries_per_step * dd)
+    return cfg.diff_decoder.depth * per_sit + n_pix * 2 * 2 * (3 * p * p) * dd
+
+
 def tokenizer_train_flops_per_example(cfg: tok.TokenizerConfig, image_size: int) -> float:
     """Forward + backward matmul FLOPs of one training example (encoder, decoder layers, one
     velocity evaluation; attention included)."""
-    d_e, d_d, dd = cfg.encoder_dim, cfg.decoder_dim, cfg.diff_decoder.dim
-    n_patch = (image_size // cfg.encoder_patch_size) ** 2
     n_q = cfg.num_all_queries
-    enc_tokens = n_patch + n_q
-
-    def block(tokens, d, ctx):
-        return tokens * (2 * 4 * d * d + 2 * 8 * d * d) + 2 * 2 * tokens * ctx * d
-
-    fl = cfg.num_encoder_layers * block(enc_tokens, d_e, enc_tokens)
-    fl += cfg.num_decoder_layers * block(n_q, d_d, n_q / 2)
-    p = cfg.diff_decoder.patch_size
-    n_pix = (image_size // p) ** 2
-    per_sit = block(n_pix, dd, n_pix) + n_pix * (2 * 2 * dd * dd + 2 * 6 * dd * dd) + 2 * 2 * n_pix * cfg.queries_per_step * dd
-    fl += cfg.diff_decoder.depth * per_sit + n_pix * 2 * 2 * (3 * p * p) * dd
+    fl = encoder_flops(cfg, image_size)
+    fl += cfg.num_decoder_layers * _block_flops(n_q, cfg.decoder_dim, n_q / 2)
+    fl += diffusion_flops(cfg, image_size)
     return 3.0 * fl
 
 
