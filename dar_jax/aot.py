@@ -510,6 +510,7 @@ class Program:
     global_batch: int
     model_flops: float                       # analytic, per step, all devices
     fsdp_min_bytes: float | None = None      # per device: params gathered twice, grads scattered
+    remat: str | None = None                 # the model's remat policy (train programs)
     notes: list = dataclasses.field(default_factory=list)
 
 
@@ -561,8 +562,9 @@ def train_program(cfg, devices, tokenizer_config: str | None = None) -> Program:
     consts = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), task.consts())
     state, state_sh = trainer.abstract_state()
     lowered = trainer.lower_train_step(task.abstract_batch(gb), consts, state)
+    remat = getattr(task.model_cfg, "remat_policy", None) or getattr(task.model_cfg, "remat", None)
     return Program("train", lowered, gb, task.flops_per_example() * gb,
-                   fsdp_min_bytes=_fsdp_min_bytes(state["params"]), notes=notes)
+                   fsdp_min_bytes=_fsdp_min_bytes(state["params"]), remat=remat, notes=notes)
 
 
 def _fsdp_min_bytes(params) -> float:
@@ -669,6 +671,8 @@ def analyse(program: Program, topology: Topology, devices, *, save: str | None =
         "per_chip_batch": program.global_batch / topology.num_chips,
         "hbm_capacity_gib": round(capacity * per_chip, 2), "hbm_capacity_source": cap_source,
         "model_flops_per_chip": program.model_flops / topology.num_chips, "notes": program.notes}
+    if program.remat is not None:
+        report["remat"] = program.remat
     t0 = time.perf_counter()
     try:
         compiled = program.lowered.compile()

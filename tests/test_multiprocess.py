@@ -124,6 +124,26 @@ def test_sample_py_on_two_processes_matches_one(two_process_runs, tmp_path):
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
 
 
+def test_evaluate_on_two_processes(two_process_runs, inception_dir, tmp_path):
+    """Each process generates its own shards; process 0 alone computes and writes the metrics."""
+    root, _ = two_process_runs
+    out = tmp_path / "eval"
+    outs = _two_processes(lambda i, c: [
+        sys.executable, "-m", "dar_jax.evaluate", "--gpt", str(root / "fsdp" / "model"),
+        "--tokenizer", str(DEFAULT_TOKENIZER), "--inception",
+        str(inception_dir / "pt_inception_random.pth"), "--num-samples", "4", "--shard-size", "2",
+        "--batch-size", "2", "--inception-batch-size", "4", "--steps", "2", "--quiet",
+        "--out", str(out), "--coordinator-address", c, "--num-processes", "2",
+        "--process-id", str(i), "--cpu-collectives", "gloo"],
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_samples"] == 4 and np.isfinite(res["inception_score"])
+    assert res["shards"]["generated"] == [0]              # process 0's shard; 1 made the other
+    assert sorted(f for f in os.listdir(out / "samples") if f.startswith("shard")) == [
+        "shard_00000.npz", "shard_00001.npz"]
+    assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]
+
+
 def test_restore_onto_another_process_count(two_process_runs):
     root, (main, _) = two_process_runs
     fsdp, dft, _ = main

@@ -137,7 +137,9 @@ class TokenizerTask(Task):
             self.lpips = load_lpips(p.lpips_vgg, p.lpips_heads)
         else:
             log.info("LPIPS loss off: perceptual.lpips_vgg / lpips_heads not configured")
-        if p.dinov2:
+        if abstract_perceptual:
+            pass
+        elif p.dinov2:
             from dar_jax.train.dinov2 import load_dinov2
             self.dino = load_dinov2(p.dinov2)
             if not self.model_cfg.repa_projector:
