@@ -23,6 +23,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from dar_jax.config import load_config  # noqa: E402
+from dar_jax.parallel import default_target  # noqa: E402
 from dar_jax.train import dinov2, lpips  # noqa: E402
 from dar_jax.train.loop import new_train_state  # noqa: E402
 from dar_jax.train.metrics import mfu  # noqa: E402
@@ -63,7 +64,8 @@ def main():
         state = new_train_state(task, tx, jax.tree.map(jnp.copy, params), extra_key=jax.random.key(2),
                                 rng_key=jax.random.key(1), ema_decay=0.999)
         images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, 256, 256, 3)), jnp.float32)
-        step = jax.jit(functools.partial(task.train_step, tx=tx, ema_decay=0.999), donate_argnums=(0,))
+        step = jax.jit(functools.partial(task.train_step, tx=tx, ema_decay=0.999,
+                                         target=default_target()), donate_argnums=(0,))
         holder = {"state": state}
 
         def run():

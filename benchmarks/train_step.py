@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from dar_jax.parallel import default_target  # noqa: E402
 from dar_jax.train.ar_task import ARTask, gpt_train_flops_per_example  # noqa: E402
 from dar_jax.train.loop import new_train_state  # noqa: E402
 from dar_jax.train.metrics import mfu  # noqa: E402
@@ -39,7 +40,8 @@ def make_step(model: str, dtype: str, batch: int, seq: int):
     rng = np.random.default_rng(0)
     data = {"tokens": jnp.asarray(rng.integers(0, task.model_cfg.vocab_size, (batch, seq)), jnp.int32),
             "label": jnp.asarray(rng.integers(0, task.model_cfg.num_classes, (batch,)), jnp.int32)}
-    step = jax.jit(functools.partial(task.train_step, tx=tx, ema_decay=0.0), donate_argnums=(0,))
+    step = jax.jit(functools.partial(task.train_step, tx=tx, ema_decay=0.0, target=default_target()),
+                   donate_argnums=(0,))
     return task, step, state, data
 
 

@@ -1,9 +1,11 @@
-"""D-AR-B: GPT-B on ImageNet 256 codes with the reference's recipe (see run_config.ar_imagenet_recipe).
+"""D-AR-B: GPT-B on ImageNet 256 at the D-AR paper's recipe (see run_config.ar_imagenet_recipe).
 
-    python train.py --config configs/ar_gpt_b.py --workdir runs/ar_b --config.optim.lr=2e-4
+111M parameters: data parallel (replicated parameters) and no remat.
+
+    python train.py --config configs/ar_gpt_b.py --workdir runs/ar_b
 """
 from dar_jax.train.run_config import ar_imagenet_recipe
 
 
 def get_config():
-    return ar_imagenet_recipe("GPT-B")
+    return ar_imagenet_recipe("GPT-B", remat="none", fsdp=False)

@@ -1,11 +1,18 @@
-"""D-AR tokenizer v1 on ImageNet 256: the released recipe (debug_train_tokenizer.sh).
+"""D-AR tokenizer v1 on ImageNet 256 at the D-AR paper's recipe.
 
-Batch 512, AdamW lr 2e-4, weight decay 0, betas 0.9/0.95, warmup 500 steps then constant, grad
-clip 1, EMA 0.999, bf16, LPIPS 0.5, REPA 0.5 (DINOv2-B/14), codebook 1.0, commitment 0.25, no
-GAN, 1000 epochs. Point perceptual.* at the weight files you have (torchvision VGG16 +
-LPIPS heads, official DINOv2 ViT-B/14); without them those losses are off (logged once).
+Global batch 1024, 210K iterations, AdamW lr 2e-4 (500 warmup steps, then constant), weight
+decay 0, betas 0.9/0.95, grad clip 1, EMA 0.999, bf16, flow matching + VQ (codebook 1.0,
+commitment 0.25) + 0.5 LPIPS + 0.5 REPA (DINOv2-B/14), no GAN (the released script,
+debug_train_tokenizer.sh, uses batch 512 for 1000 epochs). FSDP over all devices; remat keeps
+the projections' and MLP inputs' outputs of every block (see BENCHMARKS.md, "Pod scale").
+Point perceptual.* at the weight files you have (torchvision VGG16 + LPIPS heads, official
+DINOv2 ViT-B/14); without them those losses are off (logged once).
+
+    python train.py --config configs/tokenizer_v1.py --workdir runs/tok_v1
+    python -m dar_jax.aot --config configs/tokenizer_v1.py --topology v5p-32
 """
-from dar_jax.train.run_config import base_config, epochs_to_steps
+from dar_jax.hardware import H100_SXM_BF16_TFLOPS
+from dar_jax.train.run_config import PAPER_BATCH, base_config, fsdp_mesh
 
 
 def get_config():
@@ -15,6 +22,7 @@ def get_config():
         encoder_dim=768, decoder_dim=768, vq_dim=8, vq_codebook_size=16384,
         num_denoising_steps=8, num_query_groups=8, num_all_queries=256, queries_per_step=32,
         vq_enable=True, sampling_resolution=256, dtype="bfloat16", repa_projector=True,
+        remat="adaln,attn_out,context,mlp_hidden,qkv",
         diff_decoder=dict(in_dim=3, out_dim=3, dim=768, cond_dim=768, patch_size=8, depth=12,
                           data_std=0.6, time_shift=2.0, mlp_head=False, share_time_encoding=False)))
     c.data.update(dict(kind="tfds", name="imagenet2012", image_size=256))
@@ -24,9 +32,10 @@ def get_config():
                        perceptual_weight=0.5, repa_weight=0.5))
     c.perceptual.update(dict(lpips_vgg="weights/vgg16-397923af.pth", lpips_heads="weights/vgg.pth",
                              dinov2="weights/dinov2_vitb14_pretrain.pth"))
-    c.train.update(dict(global_batch_size=512, steps=epochs_to_steps(1000, 1_281_167, 512),
-                        ema_decay=0.999, eval_every_steps=10000))
+    c.train.update(dict(global_batch_size=PAPER_BATCH, steps=210_000, ema_decay=0.999,
+                        eval_every_steps=10000))
+    fsdp_mesh(c)
     c.eval.update(dict(num_images=16, solver="adams2", steps=0))
     c.checkpoint.update(dict(every_steps=10000, keep=3, keep_period=100000))
-    c.logging.update(dict(every_steps=100, peak_tflops_per_device=989.0))
+    c.logging.update(dict(every_steps=100, peak_tflops_per_device=H100_SXM_BF16_TFLOPS))
     return c

@@ -80,3 +80,24 @@ def sampling_flag_errors(args, minimums: dict[str, int]) -> list[str]:
     if not -2 ** 63 <= args.seed < 2 ** 63:
         bad.append(f"--seed must fit in 64 bits, got {args.seed}")
     return bad
+
+
+def add_distributed_args(ap) -> None:
+    """Flags that start ``jax.distributed`` for a run over several processes (on TPU pods and
+    SLURM the environment is detected without them)."""
+    g = ap.add_argument_group("multi-process")
+    g.add_argument("--coordinator-address", default="", help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=0)
+    g.add_argument("--process-id", type=int, default=-1)
+    g.add_argument("--cpu-collectives", default="", help="CPU collectives, e.g. gloo (CPU clusters, tests)")
+
+
+def init_distributed(args) -> bool:
+    """Starts jax.distributed from the flags of :func:`add_distributed_args` or the cluster."""
+    from dar_jax import parallel
+    if args.coordinator_address and (args.num_processes < 1 or args.process_id < 0):
+        from dar_jax.config import ConfigError
+        raise ConfigError("--coordinator-address needs --num-processes and --process-id")
+    return parallel.initialize(args.coordinator_address or None, args.num_processes or None,
+                               None if args.process_id < 0 else args.process_id,
+                               cpu_collectives=args.cpu_collectives or None)

@@ -219,8 +219,8 @@ def _decode_schedule(cfg: tok.TokenizerConfig, num_steps: int) -> list[tuple[int
 class _GroupDecoder:
     """Advances the sequential decode as condition tokens arrive; one compiled program."""
 
-    def __init__(self, models: Models, noise, solver: str, num_steps: int):
-        self.m, self.solver, self.num_steps = models, solver, num_steps
+    def __init__(self, models: Models, noise, solver: str, num_steps: int, target=None):
+        self.m, self.solver, self.num_steps, self.target = models, solver, num_steps, target
         self.state = sampling.init_state(models.tok_cfg, noise, num_steps=num_steps)
         self.done = 0
         self.preview = jnp.asarray(noise) / models.tok_cfg.data_std
@@ -229,17 +229,18 @@ class _GroupDecoder:
         if ready > self.done:
             cfg, params = self.m.tok_cfg, self.m.tok_params
             # the decoder layers are causal: cond of the known tokens ignores the zeros after them
-            cond = tok.codes_to_cond(cfg, params, tokens, check=False)
-            kv = sampling.prepare(cfg, params, cond)
+            cond = tok.codes_to_cond(cfg, params, tokens, check=False, target=self.target)
+            kv = sampling.prepare(cfg, params, cond, self.target)
             self.state, preview = sampling.run_steps(cfg, params, kv, self.state, self.done, ready,
-                                                     solver=self.solver, num_steps=self.num_steps)
+                                                     solver=self.solver, num_steps=self.num_steps,
+                                                     target=self.target)
             self.preview = sampling.postprocess(cfg, preview)
             self.done = ready
         return self.preview
 
 
 def decode_groups(models: Models, codes, noise, *, solver: str = "adams2",
-                  num_steps: int | None = None) -> Iterator[StreamEvent]:
+                  num_steps: int | None = None, target=None) -> Iterator[StreamEvent]:
     """Decodes known codes (B, N) group by group, yielding the preview after each group
     (the reference's preview-after-k semantics) and finally the full decode."""
     cfg = models.tok_cfg
@@ -255,7 +256,7 @@ def decode_groups(models: Models, codes, noise, *, solver: str = "adams2",
     if len(shape) != 4 or shape[0] != codes.shape[0] or shape[-1] != 3:
         raise PipelineError(f"noise must be (B={codes.shape[0]}, H, W, 3), got shape {shape}")
     sampling.check_size(cfg, shape[1:3])
-    dec = _GroupDecoder(models, noise, sampling.canonical(solver), num_steps)
+    dec = _GroupDecoder(models, noise, sampling.canonical(solver), num_steps, target)
     sched = _decode_schedule(cfg, num_steps)
     for g, known, ready in sched:
         visible = jnp.where(jnp.arange(codes.shape[1]) < known, codes, 0)
@@ -265,17 +266,21 @@ def decode_groups(models: Models, codes, noise, *, solver: str = "adams2",
 # ----------------------------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------------------------
-def _generation(models: Models, labels, keys, options: SampleOptions, prefix, prefix_len):
+def _generation(models: Models, labels, keys, options: SampleOptions, prefix, prefix_len, target):
     return ar.prepare(models.gpt_cfg, models.gpt_params, labels, token_keys(keys),
                       cfg_scale=options.cfg_scale, cfg_interval=options.cfg_interval,
                       temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                      prefix=prefix, prefix_len=prefix_len)
+                      prefix=prefix, prefix_len=prefix_len, target=target)
 
 
 def stream(models: Models, labels, keys, options: SampleOptions = SampleOptions(), *,
-           prefix=None, prefix_len: int = 0) -> Iterator[StreamEvent]:
+           prefix=None, prefix_len: int = 0, target=None) -> Iterator[StreamEvent]:
     """Interleaves AR generation and decoding: after each token group, yields the preview of
-    the image so far; the last event is the final image (``final=True``)."""
+    the image so far; the last event is the final image (``final=True``).
+
+    ``target`` (``dar_jax.parallel.Target``): the platform, mesh and rules of the programs
+    (default: the first device); under a sharded target the labels, keys and prefix are
+    global arrays sharded over the batch, and so are the events' arrays."""
     ar.check_labels(labels, models.num_classes)
     keys, single = ar.check_keys(keys)
     if single or keys.shape[0] != len(labels):
@@ -283,12 +288,11 @@ def stream(models: Models, labels, keys, options: SampleOptions = SampleOptions(
                             f"{len(labels)} labels (pipeline.sample_keys makes them)")
     options.check_for(models.tok_cfg)
     models = with_dtype(models, options.dtype)
-    labels = jnp.asarray(labels, jnp.int32)
     cfg = models.tok_cfg
     num_steps = int(options.num_steps or cfg.num_denoising_steps)
-    gen = _generation(models, labels, keys, options, prefix, prefix_len)
+    gen = _generation(models, labels, keys, options, prefix, prefix_len, target)
     dec = _GroupDecoder(models, noise_for(models, keys, options.size),
-                        sampling.canonical(options.solver), num_steps)
+                        sampling.canonical(options.solver), num_steps, target)
     state = gen.start()
     have = 1
     sched = _decode_schedule(cfg, num_steps)
@@ -306,14 +310,55 @@ class SampleResult(NamedTuple):
 
 
 def sample(models: Models, labels, keys, options: SampleOptions = SampleOptions(), *,
-           prefix=None, prefix_len: int = 0, previews: bool = False) -> SampleResult:
+           prefix=None, prefix_len: int = 0, previews: bool = False, target=None) -> SampleResult:
     """labels (B,) + per-sample keys (B,) -> tokens and images (same values as ``stream``)."""
     shots = []
     event = None
-    for event in stream(models, labels, keys, options, prefix=prefix, prefix_len=prefix_len):
+    for event in stream(models, labels, keys, options, prefix=prefix, prefix_len=prefix_len,
+                        target=target):
         if previews:
             shots.append(event.images)
     return SampleResult(event.tokens, event.images, jnp.stack(shots, 1) if previews else None)
+
+
+def global_keys(seed: int | jax.Array, indices: np.ndarray, target=None) -> jax.Array:
+    """Per-sample keys (:func:`keys_for`) of a batch, sharded over the target's batch axes; each
+    process derives only the keys of the rows its devices hold."""
+    from dar_jax import parallel
+    indices = np.asarray(indices)
+    data = lambda rows: np.asarray(jax.random.key_data(keys_for(seed, indices[rows])))
+    shape = (len(indices),) + jax.random.key_data(keys_for(seed, indices[:1])).shape[1:]
+    sharding = None if target is None else parallel.batch_sharding(target, shape)
+    if sharding is None:
+        return keys_for(seed, indices)
+    raw = jax.make_array_from_callback(shape, sharding, lambda index: data(index[0]))
+    return jax.random.wrap_key_data(raw)
+
+
+def sample_global(models: Models, labels, indices, seed: int | jax.Array,
+                  options: SampleOptions = SampleOptions(), *, target=None, prefix=None,
+                  prefix_len: int = 0, previews: bool = False) -> SampleResult:
+    """One batch sampled over the target's devices, which may span hosts; NumPy results.
+
+    labels (B,) and the sample indices (B,) (keys: ``keys_for(seed, indices)``) are host
+    values, the same on every process: each process places only the rows its devices hold,
+    every process takes part in the programs, and the outputs are gathered to every process.
+    B should be a multiple of the target's batch shards (``parallel.batch_divisor``). With an
+    unsharded target this is :func:`sample` on one device.
+    """
+    from dar_jax import parallel
+    labels = np.asarray(labels, np.int32)
+    if target is not None and target.sharded:
+        keys = global_keys(seed, indices, target)
+        labels = parallel.put_batch(labels, target)
+        if prefix is not None:
+            prefix = parallel.put_batch(np.asarray(prefix, np.int32), target)
+    else:
+        keys = keys_for(seed, indices)
+    res = sample(models, labels, keys, options, prefix=prefix, prefix_len=prefix_len,
+                 previews=previews, target=target)
+    tokens, images, shots = parallel.gather_to_host((res.tokens, res.images, res.previews))
+    return SampleResult(tokens, images, shots)
 
 
 def layout_prefix(models: Models, images, groups: int) -> tuple[jax.Array, int]:

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layout-groups", type=int, default=2)
     ap.add_argument("--npz", action="store_true", help="also write the ADM evaluator's sample batch")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    from dar_jax.cli import add_distributed_args
+    add_distributed_args(ap)
     return ap
 
 
@@ -154,10 +156,12 @@ def output_names(labels: np.ndarray, args) -> list[str]:
 
 def run(args) -> str:
     from dar_jax import io, pipeline
+    from dar_jax.cli import init_distributed
     from dar_jax.pipeline import PipelineError
 
     # everything that can be checked before a model is read, then before anything is written
     check_args(args)
+    init_distributed(args)
     check_model_paths(args)
     if args.layout_from and not os.path.isfile(args.layout_from):
         raise PipelineError(f"layout image not found: {args.layout_from}")
@@ -177,7 +181,6 @@ def run(args) -> str:
 
 def _sample_and_write(models, labels, opts, out: pathlib.Path, args) -> str:
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from dar_jax import parallel, pipeline
     prefix, prefix_len = None, 0
@@ -185,16 +188,16 @@ def _sample_and_write(models, labels, opts, out: pathlib.Path, args) -> str:
         size = pipeline.sampling.resolution(models.tok_cfg, opts.size)[0]
         image = pipeline.load_image(args.layout_from, size)
         codes, prefix_len = pipeline.layout_prefix(models, image, args.layout_groups)
-        prefix = np.repeat(np.asarray(codes), 1, 0)
+        prefix = np.asarray(codes)
 
-    # spread each batch over the local devices (and over hosts): a 1-D data mesh
+    # spread each batch over the devices of every process: a 1-D data mesh, parameters
+    # replicated; each process places only the rows of its devices, outputs are gathered
     mesh = parallel.make_mesh({"data": -1})
-    batch_sh = NamedSharding(mesh, P("data"))
+    target = parallel.target_for(mesh)
     ndev = mesh.size
     bs = math.ceil(args.batch_size / ndev) * ndev
-    models = pipeline.Models(models.gpt_cfg, jax.device_put(models.gpt_params, NamedSharding(mesh, P())),
-                             models.tok_cfg, jax.device_put(models.tok_params, NamedSharding(mesh, P())))
-    seed_key = jax.random.key(args.seed)
+    models = pipeline.Models(models.gpt_cfg, parallel.put_replicated(models.gpt_params, target),
+                             models.tok_cfg, parallel.put_replicated(models.tok_params, target))
     main = jax.process_index() == 0
     all_images, all_strips, all_tokens = [], [], []
     bar = None
@@ -207,20 +210,14 @@ def _sample_and_write(models, labels, opts, out: pathlib.Path, args) -> str:
         n = len(idx)
         pad = bs - n
         lab = np.concatenate([labels[idx], np.full(pad, labels[0], np.int32)])
-        keys = pipeline.sample_keys(seed_key, bs, start)
-        pre = None
-        if prefix is not None:
-            pre = np.repeat(np.asarray(prefix[:1]), bs, 0)
-        lab, keys = jax.device_put(lab, batch_sh), jax.device_put(keys, batch_sh)
-        if pre is not None:
-            pre = jax.device_put(pre, batch_sh)
-        res = pipeline.sample(models, lab, keys, opts, prefix=pre, prefix_len=prefix_len,
-                              previews=args.previews)
-        imgs = _gather(res.images)[:n]
-        all_images.append(pipeline.to_uint8(imgs))
-        all_tokens.append(_gather(res.tokens)[:n])
+        pre = None if prefix is None else np.repeat(prefix[:1], bs, 0)
+        res = pipeline.sample_global(models, lab, np.arange(start, start + bs), args.seed, opts,
+                                     target=target, prefix=pre, prefix_len=prefix_len,
+                                     previews=args.previews)
+        all_images.append(pipeline.to_uint8(res.images[:n]))
+        all_tokens.append(res.tokens[:n])
         if args.previews:
-            all_strips.append(pipeline.to_uint8(_gather(res.previews)[:n]))
+            all_strips.append(pipeline.to_uint8(res.previews[:n]))
         if bar is not None:
             bar.update(n)
             bar.set_postfix(img_per_s=f"{(start + n) / (time.perf_counter() - t0):.2f}")
@@ -234,14 +231,6 @@ def _sample_and_write(models, labels, opts, out: pathlib.Path, args) -> str:
                        np.concatenate(all_strips) if args.previews else None, args)
         print(f"wrote {len(images)} images to {out.resolve()}")
     return str(out)
-
-
-def _gather(x):
-    import jax
-    from jax.experimental import multihost_utils
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def _write_outputs(out: pathlib.Path, images: np.ndarray, labels: np.ndarray, tokens: np.ndarray,

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import dar_jax.kernels as K
-from dar_jax.kernels import decode_gpu, flash_gpu, splash_tpu
+from dar_jax.kernels import decode_gpu, decode_tpu, flash_gpu, splash_tpu
 
 A = importlib.import_module("dar_jax.nn.attention")  # the module (dar_jax.nn exports the function)
 
@@ -258,6 +258,50 @@ def test_splash_kernel_interpret(mask, lq, lk, hkv, prefix):
     _check_against_reference(fn, q, k, v, do, jnp.float32, **kw)
 
 
+# ------------------------------------------------------------------ TPU decode kernel (interpreted)
+TPU_DECODE_CASES = [  # (b, s, h, d, block_k, splits, lens)
+    (3, 41, 4, 32, 8, 1, (1, 41, 17)),         # ragged last block, a row with one entry
+    (3, 41, 4, 32, 8, 3, (1, 41, 17)),         # split over the length: some splits empty
+    (2, 257, 2, 64, 128, None, (129, 256)),    # GPT cache length, default splits
+    (2, 24, 3, 16, 8, 2, (24, 0)),             # a full row and an empty one
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", TPU_DECODE_CASES, ids=lambda c: f"s{c[1]}-bk{c[4]}-sp{c[5]}")
+def test_tpu_decode_kernel_interpret(case, dtype):
+    b, s, h, d, bk, splits, lens = case
+    q, k, v, _ = _inputs(b, 1, s, h, h, d, dtype, seed=3)
+    lens = jnp.array(lens, jnp.int32)
+    blocks = K.TPUDecodeBlocks(block_k=bk, num_splits=splits)
+    out = K.decode_attention_tpu(q, k, v, lens, blocks=blocks, interpret=True)
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = A.xla_attention(f32(q), f32(k), f32(v), mask="decode", kv_len=lens)
+    ref = jnp.where((lens > 0)[:, None, None, None], ref, 0.0)   # no visible key: zeros
+    assert out.dtype == dtype and out.shape == q.shape
+    assert _rel(out, ref) < TOL[dtype][0]
+    # differentiable (through the XLA reference's gradient)
+    g = jax.grad(lambda q: K.decode_attention_tpu(q, k, v, lens, blocks=blocks, interpret=True)
+                 .astype(jnp.float32).sum())(q)
+    assert g.shape == q.shape and np.isfinite(np.asarray(g, np.float32)).all()
+
+
+def test_tpu_decode_reasons_and_auto_choice():
+    one = jnp.zeros((2, 1, 4, 16), jnp.bfloat16)
+    cache = jnp.zeros((2, 40, 4, 16), jnp.bfloat16)
+    assert K.pallas_unsupported_reason(one, cache, cache, mask="decode", kv_len=3,
+                                       platform="tpu") is None
+    assert "one query position" in decode_tpu.unsupported_reason(
+        jnp.zeros((2, 3, 4, 16)), cache, cache, "decode", 0, 3)
+    assert "kv heads" in decode_tpu.unsupported_reason(one, cache[:, :, :2], cache[:, :, :2],
+                                                       "decode", 0, 3)
+    # the platform comes from the target, not from the host: "auto" on a TPU target picks the
+    # kernel, on this CPU host's target it is XLA
+    tpu = A.choose_implementation(one, cache, cache, mask="decode", kv_len=3, platform="tpu")
+    cpu = A.choose_implementation(one, cache, cache, mask="decode", kv_len=3, platform="cpu")
+    assert (tpu, cpu) == ("pallas", "xla")
+
+
 # ------------------------------------------------------------------ real lowerings, no device
 @pytest.fixture
 def verified_triton_modules(monkeypatch):
@@ -326,6 +370,21 @@ def test_splash_lowers_to_mosaic(mask, lq, lk, prefix):
     assert text.count("tpu_custom_call") == 3  # forward, dQ, dK/dV
 
 
+@pytest.mark.parametrize("b,h,dtype", [(64, 20, jnp.bfloat16), (4, 24, jnp.float32)])
+def test_tpu_decode_lowers_to_mosaic(b, h, dtype):
+    """Through the entry point with a TPU target (built on this CPU host): the kernel is chosen
+    and lowers to one Mosaic call inside the attention[gpt.decode] scope."""
+    from dar_jax.parallel import Target
+    q = jax.ShapeDtypeStruct((b, 1, h, 64), dtype)
+    k = jax.ShapeDtypeStruct((b, 257, h, 64), dtype)
+    lens = jax.ShapeDtypeStruct((b,), jnp.int32)
+    fn = jax.jit(lambda q, k, v, n: A.attention(q, k, v, mask="decode", kv_len=n,
+                                                target=Target("tpu"), site="gpt.decode"))
+    text = fn.trace(q, k, k, lens).lower(lowering_platforms=("tpu",)).as_text(debug_info=True)
+    assert text.count("tpu_custom_call") == 1 and "dar_decode_tpu" in text
+    assert "attention[gpt.decode]" in text
+
+
 # ------------------------------------------------------------------ sharding (8 fake CPU devices)
 SHARDED_SCRIPT = textwrap.dedent("""
     import os
@@ -335,6 +394,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from jax.sharding import AxisType
     from dar_jax.kernels import sharded_attention
     from dar_jax.nn.attention import AttentionError, xla_attention
+    from dar_jax.parallel import target_for
     assert jax.device_count() == 8
     ks = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(ks[0], (4, 19, 4, 16))
@@ -342,7 +402,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     v = jax.random.normal(ks[2], (4, 19, 2, 16))
     for kind in (AxisType.Explicit, AxisType.Auto):
         mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(kind,) * 3)
-        run = lambda q, k, v: sharded_attention(q, k, v, mesh, mask="causal",
+        run = lambda q, k, v: sharded_attention(q, k, v, target_for(mesh), mask="causal",
                                                 implementation="pallas")
         out = jax.jit(run)(q, k, v)
         assert tuple(out.sharding.spec)[:3] == (("data", "fsdp"), None, "tensor"), out.sharding
@@ -354,14 +414,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
         for g, r in zip(grads, ref):
             np.testing.assert_allclose(g, r, atol=1e-4)
     lens = jnp.array([3, 19, 7, 12], jnp.int32)
-    step = lambda q, k, v, n: sharded_attention(q, k, v, mesh, mask="decode", kv_len=n,
+    step = lambda q, k, v, n: sharded_attention(q, k, v, target_for(mesh), mask="decode", kv_len=n,
                                                 implementation="pallas")
     out = jax.jit(step)(q[:, :1], k, v, lens)
     np.testing.assert_allclose(out, xla_attention(q[:, :1], k, v, mask="decode", kv_len=lens),
                                atol=1e-5)
     small = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
     try:
-        sharded_attention(q, k, v, small, mask="causal")
+        sharded_attention(q, k, v, target_for(small), mask="causal")
     except AttentionError as e:
         assert "not divisible" in str(e)
     else:

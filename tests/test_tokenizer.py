@@ -383,6 +383,10 @@ def test_training_losses_have_gradients(small_model):
 
     grads = jax.jit(jax.grad(functools.partial(loss_fn, remat=False)))(params)
     grads_remat = jax.jit(jax.grad(functools.partial(loss_fn, remat=True)))(params)
+    # a saveable-names policy gives the same gradients too
+    grads_names = jax.jit(jax.grad(functools.partial(loss_fn, remat="qkv,context,mlp_hidden,adaln")))(params)
+    for a, b in zip(jax.tree.leaves(grads_names), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     for path in (("encoder_layers", 0, "attention", "q", "kernel"), ("codebook",), ("patchify_kernel",),
                  ("diff", "blocks", 1, "adaLN", "kernel"), ("diff", "repa_out", 0, "kernel"),
                  ("decoder_layers", 0, "mlp", "fc1", "kernel")):

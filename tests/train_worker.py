@@ -90,6 +90,8 @@ def config(spec):
                             ema_decay=spec.get("ema", 0.0)))
         c.optim.update(dict(lr=spec.get("lr", 3e-3), warmup_steps=0))
         c.optim.update(spec.get("optim", {}))
+        from dar_jax.config import apply_overrides
+        apply_overrides(c, spec.get("overrides", []))
     c.mesh.update(spec.get("mesh", {"data": -1}))
     c.checkpoint.update(dict(every_steps=spec.get("ckpt_every", 100), async_save=True))
     c.logging.update(dict(every_steps=1, tensorboard=False, progress=False))
@@ -106,11 +108,14 @@ def make_task(cfg):
 
 
 def params_digest(params) -> str:
+    """sha256 of every leaf (gathered to this host: the arrays may span processes)."""
     import hashlib
+    from dar_jax.parallel import gather_to_host
     h = hashlib.sha256()
+    params = gather_to_host(params)
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda t: jax.tree_util.keystr(t[0])):
         h.update(jax.tree_util.keystr(path).encode())
-        h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+        h.update(np.ascontiguousarray(leaf).tobytes())
     return h.hexdigest()
 
 
@@ -177,7 +182,10 @@ def run_one(sub):
         rows = read_jsonl(os.path.join(sub["workdir"], "metrics.jsonl"))
         out["losses"] = [r["loss"] for r in rows if "loss" in r]
         out["loss_steps"] = [r["step"] for r in rows if "loss" in r]
-        out["evals"] = [r for r in rows if "eval_psnr" in r]
+        out["evals"] = [r for r in rows if any(k.startswith("eval_") for k in r)]
+        if sub.get("report_export"):
+            from dar_jax.checkpoint import load_model
+            out["export_digest"] = params_digest(load_model(os.path.join(sub["workdir"], "model"))[2])
     if sub.get("report_shards"):
         _, state = restore_latest(trainer)
         out["digest"] = params_digest(state["params"])

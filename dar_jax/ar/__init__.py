@@ -22,6 +22,7 @@ logical_axes = GPT_FN.logical_axes        # (cfg) -> logical axis names, like th
 
 
 def forward(cfg: GPTConfig, params, tokens: jax.Array, labels: jax.Array, *,
-            dropout_key: jax.Array | None = None) -> jax.Array:
-    """Teacher-forced logits (B, T + 1, V) for input tokens (B, T) and labels (B,)."""
-    return bind(cfg, params)(tokens, labels, dropout_key=dropout_key)
+            dropout_key: jax.Array | None = None, target=None) -> jax.Array:
+    """Teacher-forced logits (B, T + 1, V) for input tokens (B, T) and labels (B,).
+    ``target``: the ``dar_jax.parallel.Target`` the program is built for (default: first device)."""
+    return bind(cfg, params)(tokens, labels, dropout_key=dropout_key, target=target)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dar_jax.ar.model import GPTConfig, bind
+from dar_jax.parallel.host import host_local_values
+from dar_jax.parallel.target import Target, default_target
 
 
 class SamplingError(ValueError):
@@ -70,6 +72,7 @@ class _Static:
     use_top_p: bool
     greedy: bool
     cfg_interval: int
+    target: Target        # platform (kernels, weight casts), mesh and rules of the program
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
@@ -118,8 +121,8 @@ class GenState(NamedTuple):
     cache: tuple
 
 
-def _model(cfg: GPTConfig, params):
-    if cfg.compute_dtype != jnp.float32 and jax.default_backend() != "cpu":
+def _model(cfg: GPTConfig, params, target: Target):
+    if cfg.compute_dtype != jnp.float32 and target.platform != "cpu":
         # Read each weight once per token in the compute dtype. (On CPU, XLA computes bf16 dots
         # in float32 anyway and keeping float32 weights measured faster: BENCHMARKS.md.)
         params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)
@@ -144,12 +147,12 @@ def _choose(cfg: GPTConfig, st: _Static, inp: _Inputs, logits, step):
 
 def _prefill(cfg: GPTConfig, st: _Static, params, inp: _Inputs) -> GenState:
     """Class token through the model, token 0 chosen."""
-    model = _model(cfg, params)
+    model = _model(cfg, params, st.target)
     labels = inp.labels
     if st.cfg_active:
         labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)])
     cache = model.init_cache(labels.shape[0])
-    logits, cache = model.decode(model.embed_labels(labels)[:, None], 0, cache)
+    logits, cache = model.decode(model.embed_labels(labels)[:, None], 0, cache, st.target)
     first = _choose(cfg, st, inp, logits, jnp.int32(0))
     tokens = jnp.zeros((inp.labels.shape[0], st.num_tokens), jnp.int32).at[:, 0].set(first)
     return GenState(tokens, cache)
@@ -157,14 +160,14 @@ def _prefill(cfg: GPTConfig, st: _Static, params, inp: _Inputs) -> GenState:
 
 def _advance(cfg: GPTConfig, st: _Static, params, inp: _Inputs, state: GenState, start, stop) -> GenState:
     """Chooses tokens start .. stop-1 (start >= 1), one per step, in a ``lax`` loop."""
-    model = _model(cfg, params)
+    model = _model(cfg, params, st.target)
 
     def body(step, carry):
         out, cache = carry
         prev = out[:, step - 1]
         if st.cfg_active:
             prev = jnp.concatenate([prev, prev])
-        logits, cache = model.decode(model.embed_tokens(prev)[:, None], step, cache)
+        logits, cache = model.decode(model.embed_tokens(prev)[:, None], step, cache, st.target)
         return out.at[:, step].set(_choose(cfg, st, inp, logits, step)), cache
 
     return GenState(*jax.lax.fori_loop(start, stop, body, tuple(state)))
@@ -262,8 +265,11 @@ def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
              cfg_scale: float | str | Sequence[float] | CfgSchedule = 1.0, cfg_interval: int = -1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
              prefix: jax.Array | None = None, prefix_len: int = 0,
-             num_tokens: int | None = None) -> jax.Array:
+             num_tokens: int | None = None, target: Target | None = None) -> Generation:
     """Validates options and prepares generation for ``labels`` (see :func:`generate`).
+
+    Labels and prefix may be global arrays spanning several hosts: each process checks the
+    rows it holds (every process takes part in the compiled generation).
 
     Args:
       labels: (B,) int class ids in [0, num_classes).
@@ -271,13 +277,17 @@ def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
         one per sample (then a sample's tokens depend only on its own key).
       cfg_scale: number, "a,b" linear schedule over tokens, or (a, b).
       prefix: (B, >= prefix_len) tokens kept verbatim at positions < prefix_len.
-    Returns: (B, num_tokens) int32 tokens (num_tokens defaults to ``cfg.block_size``).
+      target: the platform, mesh and rules the program is built for (default: first device).
+    Returns: a :class:`Generation` of (B, num_tokens) int32 tokens (num_tokens defaults to
+    ``cfg.block_size``).
     """
     check_labels(labels)
-    labels = jnp.asarray(labels, jnp.int32)
-    lab = np.asarray(labels)
+    if not isinstance(labels, jax.Array):
+        labels = np.asarray(labels)
+    lab = host_local_values(labels)
     if lab.size and (lab.min() < 0 or lab.max() >= cfg.num_classes):
         raise SamplingError(f"class labels must lie in [0, {cfg.num_classes}); got {lab.tolist()}")
+    labels = jnp.asarray(labels, jnp.int32)
     b = labels.shape[0]
     n = cfg.block_size if num_tokens is None else int(num_tokens)
     if not 1 <= n <= cfg.block_size:
@@ -295,21 +305,22 @@ def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
         prefix = jnp.zeros((b, n), jnp.int32)
         prefix_len = 0
     else:
-        prefix = jnp.asarray(prefix, jnp.int32)
+        if not isinstance(prefix, jax.Array):
+            prefix = np.asarray(prefix)
         if prefix.ndim != 2 or prefix.shape[0] != b or prefix.shape[1] < prefix_len:
             raise SamplingError(f"prefix must be (B={b}, >= prefix_len={prefix_len}); got {prefix.shape}")
         if not 0 <= prefix_len <= n:
             raise SamplingError(f"prefix_len {prefix_len} outside [0, {n}]")
         if prefix_len:
-            # masked rather than sliced: the same small programs for every prefix length
-            kept = jnp.arange(prefix.shape[1]) < prefix_len
-            lo = int(jnp.min(jnp.where(kept, prefix, 0)))
-            hi = int(jnp.max(jnp.where(kept, prefix, 0)))
-            if lo < 0 or hi >= cfg.vocab_size:
+            # host values, sliced with numpy: a new prefix length compiles nothing
+            pre = host_local_values(prefix)[:, :prefix_len]
+            if pre.size and (pre.min() < 0 or pre.max() >= cfg.vocab_size):
                 raise SamplingError(f"prefix tokens must lie in [0, {cfg.vocab_size})")
+        prefix = jnp.asarray(prefix, jnp.int32)
         prefix = jnp.pad(prefix[:, :n], ((0, 0), (0, max(0, n - prefix.shape[1]))))
     st = _Static(num_tokens=n, cfg_active=sched.active, top_k=int(top_k),
-                 use_top_p=top_p < 1.0, greedy=bool(greedy), cfg_interval=int(cfg_interval))
+                 use_top_p=top_p < 1.0, greedy=bool(greedy), cfg_interval=int(cfg_interval),
+                 target=target or default_target())
     inp = _Inputs(labels, keys, jnp.float32(sched.start), jnp.float32(sched.end),
                   jnp.float32(temperature), jnp.float32(top_p), prefix, jnp.int32(prefix_len))
     return Generation(cfg, params, st, inp)

@@ -16,10 +16,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dar_jax.config import ConfigError, sized_config
-from dar_jax.nn.attention import attention
 from dar_jax.nn import layers as L
+from dar_jax.nn import remat as R
+from dar_jax.nn.attention import attention
 from dar_jax.nn.functional import Functional
 from dar_jax.nn.rope import apply_rope, rope_1d_table
+from dar_jax.parallel.target import Target, default_target
+
+# logical axes of activations (mapped to mesh axes by the same rules as the parameters)
+ACT = ("batch", "length", "embed")
+ACT_HEADS = ("batch", "length", "heads", "head_dim")
 
 GPT_SIZES = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
@@ -51,9 +57,13 @@ class GPTConfig:
     class_dropout_prob: float = 0.1
     dtype: str = "float32"            # compute dtype; parameters are always float32
     attention_impl: str = "auto"      # see dar_jax.nn.attention
-    remat: bool = False               # rematerialise blocks in training (saves memory)
+    remat: str = "none"               # training remat policy: none | full | dots | names (nn.remat)
 
     def __post_init__(self):
+        try:
+            object.__setattr__(self, "remat", R.canonical(self.remat))
+        except ValueError as e:
+            raise ConfigError(f"GPT {e}") from None
         if self.dim % self.n_head:
             raise ConfigError(f"GPT dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.dtype not in DTYPES:
@@ -91,36 +101,42 @@ class Attention(nnx.Module):
         self.wo = L.param(L.normal(std)(rngs.params(), (h, d, cfg.dim)),
                           (L.HEADS, L.HEAD_DIM, L.EMBED))
 
-    def qkv(self, x, cos, sin):
+    def qkv(self, x, cos, sin, target: Target):
         """x: (B, L, D) -> q, k, v: (B, L, H, Dh), q and k rotated."""
         dtype = self.cfg.compute_dtype
         qkv = jnp.einsum("bld,dthk->blthk", x.astype(dtype), self.wqkv[...].astype(dtype))
+        qkv = R.name(target.constrain(qkv, ("batch", "length", None, "heads", "head_dim")), "qkv")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def out(self, y):
+    def out(self, y, target: Target):
         dtype = self.cfg.compute_dtype
-        return jnp.einsum("blhk,hkd->bld", y, self.wo[...].astype(dtype))
+        y = R.name(target.constrain(y, ACT_HEADS), "context")
+        out = jnp.einsum("blhk,hkd->bld", y, self.wo[...].astype(dtype))
+        return R.name(target.constrain(out, ACT), "attn_out")
 
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, target: Target):
         """Full causal self-attention. x: (B, L, D)."""
-        q, k, v = self.qkv(x, cos, sin)
-        y = attention(q, k, v, mask="causal", implementation=self.cfg.attention_impl)
-        return self.out(y)
+        q, k, v = self.qkv(x, cos, sin, target)
+        y = attention(q, k, v, mask="causal", implementation=self.cfg.attention_impl,
+                      target=target, site="gpt.causal")
+        return self.out(y, target)
 
-    def decode(self, x, cos, sin, cache, pos):
+    def decode(self, x, cos, sin, cache, pos, target: Target):
         """Attention of Lq new positions [pos, pos+Lq) against the cache.
 
         x: (B, Lq, D); cache: (k, v) each (B, S, H, Dh); returns (B, Lq, D), new cache.
         """
-        q, k, v = self.qkv(x, cos, sin)
+        q, k, v = self.qkv(x, cos, sin, target)
         ck, cv = cache
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0))
+        ck = target.constrain(jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0)),
+                              ACT_HEADS)
+        cv = target.constrain(jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0)),
+                              ACT_HEADS)
         kv_len = jnp.full((x.shape[0],), pos + x.shape[1], jnp.int32)
         y = attention(q, ck, cv, mask="decode", kv_len=kv_len,
-                               implementation=self.cfg.attention_impl)
-        return self.out(y), (ck, cv)
+                      implementation=self.cfg.attention_impl, target=target, site="gpt.decode")
+        return self.out(y, target), (ck, cv)
 
 
 class Block(nnx.Module):
@@ -132,15 +148,19 @@ class Block(nnx.Module):
         self.feed_forward = L.SwiGLU(cfg.dim, cfg.ffn_hidden, rngs=rngs, dtype=cfg.compute_dtype,
                                      init_std=cfg.initializer_range)
 
-    def __call__(self, x, cos, sin, keys=(None, None)):
-        cfg = self.cfg
-        h = x + L.dropout(self.attention(self.attention_norm(x), cos, sin), cfg.resid_dropout_p, keys[0])
-        return h + L.dropout(self.feed_forward(self.ffn_norm(h)), cfg.ffn_dropout_p, keys[1])
+    def ffn(self, h, target: Target):
+        return target.constrain(self.feed_forward(self.ffn_norm(h), target), ACT)
 
-    def decode(self, x, cos, sin, cache, pos):
-        a, cache = self.attention.decode(self.attention_norm(x), cos, sin, cache, pos)
+    def __call__(self, x, cos, sin, target: Target, keys=(None, None)):
+        cfg = self.cfg
+        a = self.attention(self.attention_norm(x), cos, sin, target)
+        h = x + L.dropout(a, cfg.resid_dropout_p, keys[0])
+        return target.constrain(h + L.dropout(self.ffn(h, target), cfg.ffn_dropout_p, keys[1]), ACT)
+
+    def decode(self, x, cos, sin, cache, pos, target: Target):
+        a, cache = self.attention.decode(self.attention_norm(x), cos, sin, cache, pos, target)
         h = x + a
-        return h + self.feed_forward(self.ffn_norm(h)), cache
+        return target.constrain(h + self.ffn(h, target), ACT), cache
 
 
 class GPT(nnx.Module):
@@ -167,37 +187,37 @@ class GPT(nnx.Module):
     def embed_labels(self, labels):
         return jnp.take(self.cls_embedding[...], labels, axis=0).astype(self.cfg.compute_dtype)
 
-    def head(self, h):
+    def head(self, h, target: Target):
         """Final norm + output projection -> float32 logits."""
         dtype = self.cfg.compute_dtype
         h = self.norm(h)
-        return jnp.einsum("bld,dv->blv", h, self.output[...].astype(dtype)).astype(jnp.float32)
+        logits = jnp.einsum("bld,dv->blv", h, self.output[...].astype(dtype)).astype(jnp.float32)
+        return target.constrain(logits, ("batch", "length", "vocab"))
 
     # --- training-style forward ----------------------------------------------------------------
-    def __call__(self, tokens, labels, *, dropout_key=None):
+    def __call__(self, tokens, labels, *, dropout_key=None, target: Target | None = None):
         """Teacher-forced forward.
 
         tokens: (B, T) int image tokens (inputs, i.e. targets[:, :-1]); labels: (B,) int.
         Returns float32 logits (B, T + 1, V): position i predicts image token i.
         With ``dropout_key`` the training regularisation is on: labels dropped to the null class
-        with ``class_dropout_prob``, token / residual / FFN dropout.
+        with ``class_dropout_prob``, token / residual / FFN dropout. ``target``: the platform,
+        mesh and rules the program is built for (default: the first device).
         """
         cfg = self.cfg
+        target = target or default_target()
         keys = L.KeySplitter(dropout_key)
         if dropout_key is not None and cfg.class_dropout_prob > 0:
             drop = jax.random.uniform(keys(), labels.shape) < cfg.class_dropout_prob
             labels = jnp.where(drop, cfg.num_classes, labels)
         x = jnp.concatenate([self.embed_labels(labels)[:, None], self.embed_tokens(tokens)], axis=1)
-        x = L.dropout(x, cfg.token_dropout_p, keys())
+        x = target.constrain(L.dropout(x, cfg.token_dropout_p, keys()), ACT)
         cos, sin = self.rope()
         cos, sin = cos[: x.shape[1]], sin[: x.shape[1]]
+        block = R.remat(lambda blk, x_, k_: blk(x_, cos, sin, target, k_), cfg.remat)
         for layer in self.layers:
-            block_keys = (keys(), keys())
-            if cfg.remat:
-                x = nnx.remat(lambda blk, x_, k_: blk(x_, cos, sin, k_))(layer, x, block_keys)
-            else:
-                x = layer(x, cos, sin, block_keys)
-        return self.head(x)
+            x = block(layer, x, (keys(), keys()))
+        return self.head(x, target)
 
     # --- KV-cache decoding -----------------------------------------------------------------------
     def init_cache(self, batch: int, dtype=None):
@@ -207,20 +227,21 @@ class GPT(nnx.Module):
         dtype = dtype or cfg.compute_dtype
         return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer))
 
-    def decode(self, x, pos, cache):
+    def decode(self, x, pos, cache, target: Target | None = None):
         """Runs embeddings x: (B, Lq, D) at positions [pos, pos+Lq) through the model with the cache.
 
         Returns float32 logits (B, Lq, V) and the updated cache.
         """
+        target = target or default_target()
         cos, sin = self.rope()
         lq = x.shape[1]
         cos = jax.lax.dynamic_slice_in_dim(jnp.asarray(cos), pos, lq)
         sin = jax.lax.dynamic_slice_in_dim(jnp.asarray(sin), pos, lq)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer.decode(x, cos, sin, layer_cache, pos)
+            x, layer_cache = layer.decode(x, cos, sin, layer_cache, pos, target)
             new_cache.append(layer_cache)
-        return self.head(x), tuple(new_cache)
+        return self.head(x, target), tuple(new_cache)
 
 
 GPT_FN = Functional(GPT)

@@ -69,11 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true")
     from dar_jax.cli import add_gpt_size_flags
     add_gpt_size_flags(ap)
+    from dar_jax.cli import add_distributed_args
+    add_distributed_args(ap)
     return ap
 
 
+def _main() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (no-op on one): shards of all processes are complete after it."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"dar_evaluate_{name}")
+
+
+def _prepare(directory, labels, shard_size, settings):
+    """The shard plan, made by process 0 first (the others reopen and check it)."""
+    plan = ev.prepare_shards(directory, labels, shard_size, settings) if _main() else None
+    _barrier(f"plan_{os.path.basename(str(directory))}")
+    return plan or ev.prepare_shards(directory, labels, shard_size, settings)
+
+
 def _progress(total: int, desc: str, quiet: bool):
-    if quiet:
+    if quiet or not _main():
         return None
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="shard", dynamic_ncols=True)
@@ -88,9 +110,10 @@ def _run_plan(plan, generate_fn, desc: str, quiet: bool, hooks) -> dict:
             bar.refresh()
         hooks("shard", done)
 
-    report = ev.generate_samples(plan, generate_fn, on_shard=on_shard)
+    report = ev.generate_samples(plan, generate_fn, on_shard=on_shard)   # this process's shards
     if bar is not None:
         bar.close()
+    _barrier(f"shards_{os.path.basename(plan.directory)}")
     return report
 
 
@@ -157,22 +180,28 @@ def check_args(args) -> None:
         ev.check_reference(args.reference)
 
 
-def run(args, hooks=None) -> dict:
-    """``hooks(event, n)``, if given, is called with ``("shard", shards done)`` after each new
+def run(args, hooks=None) -> dict | None:
+    """Every process generates its shards (shard i: process i % count, on its own devices);
+    process 0 then computes the metrics and writes results.json (the others return None).
+    ``hooks(event, n)``, if given, is called with ``("shard", shards done)`` after each new
     shard (tests interrupt a run there)."""
     from dar_jax import pipeline
     from dar_jax.checkpoint import store
-    from dar_jax.cli import gpt_size_flags
+    from dar_jax.cli import gpt_size_flags, init_distributed
     hooks = hooks or (lambda event, n: None)
     t0 = time.perf_counter()
     check_args(args)
+    init_distributed(args)
     params = ev.load_inception(args.inception)
     extract = ev.feature_extractor(ev.InceptionConfig(protocol=args.protocol), params,
                                    batch_size=args.inception_batch_size)
     results: dict = {"command": "rfid" if args.rfid else "generation", "inception": args.inception,
                      "protocol": args.protocol}
     if args.rfid:
-        results.update(_rfid(args, extract, hooks))
+        rfid = _rfid(args, extract, hooks)
+        if rfid is None:
+            return None
+        results.update(rfid)
     else:
         models = pipeline.load_models(args.gpt, args.tokenizer, **gpt_size_flags(args))
         if args.per_class:
@@ -185,12 +214,14 @@ def run(args, hooks=None) -> dict:
         settings["gpt_fingerprint"] = store.fingerprint(models.gpt_params)
         settings["tokenizer_fingerprint"] = store.fingerprint(models.tok_params)
         generate = _generation_fn(models, args)
-        plan = ev.prepare_shards(os.path.join(args.out, "samples"), labels, args.shard_size, settings)
+        plan = _prepare(os.path.join(args.out, "samples"), labels, args.shard_size, settings)
         # the reference (checked in check_args) is read before any sample is generated
         ref = ev.read_reference(args.reference, extract, need_activations=False) if args.reference else None
         results["settings"] = settings
         results["num_samples"] = plan.num_samples
         results["shards"] = _run_plan(plan, generate, "generating", args.quiet, hooks)
+        if not _main():
+            return None
         if args.npz:
             results["samples_npz"] = ev.assemble_npz(plan, os.path.join(args.out, "samples.npz"))
         stats, logits = ev.sample_features(plan, extract, keep_activations=bool(args.reference))
@@ -234,25 +265,19 @@ def _rfid(args, extract, hooks) -> dict:
     source = data.make_source(data_cfg, args.data_split)
     n = min(args.num_samples, len(source))
     crop_settings = {"data": data_cfg, "split": args.data_split, "crop": "adm_center_crop"}
-    crops = ev.prepare_shards(os.path.join(args.out, "crops"), np.zeros(n, np.int32),
-                              args.shard_size, crop_settings)
+    crops = _prepare(os.path.join(args.out, "crops"), np.zeros(n, np.int32),
+                     args.shard_size, crop_settings)
 
     def crop_fn(labels, indices):
         return np.stack([center_crop_arr(np.asarray(source[int(i)]["image"]), args.image_size)
                          for i in indices]).astype(np.uint8)
 
     report = {"crops": _run_plan(crops, crop_fn, "center crops", args.quiet, hooks)}
-    ref_path = os.path.join(args.out, "crops_reference.npz")
-    if os.path.exists(ref_path):
-        ref = ev.read_reference(ref_path)
-    else:
-        ref, _ = ev.sample_features(crops, extract, keep_activations=True)
-        ev.save_reference(ref_path, ref)
     recon_settings = {"tokenizer": args.tokenizer, "solver": args.solver, "steps": args.steps,
                       "seed": args.seed, "crops": crop_settings,
                       "tokenizer_fingerprint": store.fingerprint(tok_params)}
-    recon = ev.prepare_shards(os.path.join(args.out, "reconstructions"), np.zeros(n, np.int32),
-                              args.shard_size, recon_settings)
+    recon = _prepare(os.path.join(args.out, "reconstructions"), np.zeros(n, np.int32),
+                     args.shard_size, recon_settings)
     crop_images = {}
 
     def crop_batch(indices):
@@ -277,6 +302,14 @@ def _rfid(args, extract, hooks) -> dict:
 
     report["reconstructions"] = _run_plan(recon, _batched(recon_fn, args.batch_size, pad=False),
                                           "reconstructing", args.quiet, hooks)
+    if not _main():
+        return None
+    ref_path = os.path.join(args.out, "crops_reference.npz")
+    if os.path.exists(ref_path):
+        ref = ev.read_reference(ref_path)
+    else:
+        ref, _ = ev.sample_features(crops, extract, keep_activations=True)
+        ev.save_reference(ref_path, ref)
     stats, logits = ev.sample_features(recon, extract, keep_activations=True)
     metrics = ev.evaluate_features(stats, logits, ref, distance_dtype=args.pr_dtype)
     return {"settings": recon_settings, "num_samples": n, "shards": report, "rfid": metrics["fid"],

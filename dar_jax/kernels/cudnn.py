@@ -20,8 +20,7 @@ def _cudnn_version() -> int | None:
 
 
 def unsupported_reason(q, k, v, mask, prefix_len, kv_len) -> str | None:
-    if jax.default_backend() != "gpu":
-        return f"cudnn needs a GPU backend (this is {jax.default_backend()})"
+    """Why cuDNN cannot serve a call on a GPU (the platform is checked by the registration)."""
     if jnp.dtype(q.dtype).name not in ("bfloat16", "float16"):
         return f"cudnn flash attention takes bfloat16/float16, not {q.dtype}"
     if not (q.dtype == k.dtype == v.dtype):

@@ -11,8 +11,8 @@ forward and backward kernels. This module only adapts to it:
   ``NumpyMask`` of (j < prefix_len) | (j <= i), restricted to real keys;
 * the logit scale is folded into q; the batch is vmapped.
 
-``mask="decode"`` (per-row dynamic cache length) has no splash mask: decoding on TPU stays on
-XLA. Nothing here can run on a TPU from this repository's CI: the kernel runs on CPU with
+``mask="decode"`` (per-row dynamic cache length) has no splash mask: decoding on TPU runs this
+project's kernel (``dar_jax.kernels.decode_tpu``). Nothing here can run on a TPU from this repository's CI: the kernel runs on CPU with
 ``interpret=True`` and its Mosaic lowering is checked with ``lowering_platforms=("tpu",)``.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def block_sizes(lq_pad: int, lk_pad: int) -> sa.BlockSizes:
 
 def unsupported_reason(q, k, v, mask, prefix_len, kv_len) -> str | None:
     if mask == "decode":
-        return "splash attention has no per-row cache length (decode runs on XLA on TPU)"
+        return "splash attention has no per-row cache length (decode runs kernels.decode_tpu)"
     if mask == "prefix_causal":
         try:
             int(prefix_len)
@@ -94,16 +94,15 @@ def _kernel(mask: str, lq: int, lk: int, prefix_len: int, heads: int, interpret:
 
 
 def splash_attention(q, k, v, *, mask: str = "none", prefix_len: int = 0, kv_len=None,
-                     scale: float | None = None, interpret: bool | None = None):
-    """q: (B, Lq, H, D); k, v: (B, Lk, Hkv, D) -> (B, Lq, H, D) in q.dtype."""
+                     scale: float | None = None, interpret: bool = False):
+    """q: (B, Lq, H, D); k, v: (B, Lk, Hkv, D) -> (B, Lq, H, D) in q.dtype.
+    ``interpret=True`` runs the kernel on any platform (tests)."""
     reason = unsupported_reason(q, k, v, mask, prefix_len, kv_len)
     if reason:
         raise ValueError(f"splash_attention: {reason}")
     b, lq, h, d = q.shape
     lk = k.shape[1]
     scale = d ** -0.5 if scale is None else scale
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     prefix_len = int(prefix_len) if mask == "prefix_causal" else 0
     kernel = _kernel(mask, lq, lk, prefix_len, h, bool(interpret))
     lq_pad, lk_pad = padded_length(lq), padded_length(lk)

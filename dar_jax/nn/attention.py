@@ -12,9 +12,14 @@
                           keys j <= kv_len - Lq + i
 ========================  ==========================================================
 
-Implementations are chosen by name: ``"xla"`` (plain JAX, every backend), kernels registered by
-``dar_jax.kernels`` (``"pallas"``, ``"cudnn"``), or ``"auto"`` (the best for the backend, falling
-back to ``"xla"`` with one logged line where a kernel does not support a call).
+Implementations are chosen by name: ``"xla"`` (plain JAX, every platform), kernels registered by
+``dar_jax.kernels`` (``"pallas"``, ``"cudnn"``), or ``"auto"`` (the best for the platform,
+falling back to ``"xla"`` with one logged line where a kernel does not support a call).
+
+The platform and, for sharded programs, the mesh and logical-axis rules come from the
+``target`` argument (:class:`dar_jax.parallel.Target`); without one, the program is for the
+first device. Each call runs in a named scope ``attention[<site>]`` (``site``: model part and
+mask, e.g. ``gpt.causal``), so compiled programs can be searched for the kernel of every site.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
+
+from dar_jax.parallel.target import Target, default_target
 
 MaskKind = Literal["none", "causal", "prefix_causal", "decode"]
 MASK_KINDS = ("none", "causal", "prefix_causal", "decode")
@@ -95,8 +102,11 @@ CPU_PER_HEAD_MIN_SCORES = 2 ** 16
 
 
 def xla_attention(q, k, v, *, mask: MaskKind = "none", prefix_len: int = 0,
-                  kv_len: jax.Array | None = None, scale: float | None = None) -> jax.Array:
-    """Plain-JAX attention: float32 logits and softmax, output in q.dtype. Shapes as attention()."""
+                  kv_len: jax.Array | None = None, scale: float | None = None,
+                  platform: str | None = None) -> jax.Array:
+    """Plain-JAX attention: float32 logits and softmax, output in q.dtype. Shapes as attention().
+
+    ``platform`` (default: the first device's) selects the CPU path for large score matrices."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -109,7 +119,8 @@ def xla_attention(q, k, v, *, mask: MaskKind = "none", prefix_len: int = 0,
     m = mask_array(mask, lq, lk, prefix_len=prefix_len, kv_len=kv_len)
     if m is not None:
         m = jnp.broadcast_to(m[:, :, None], (m.shape[0], 1, g, lq, lk)).reshape(m.shape[0], 1, g * lq, lk)
-    if jax.default_backend() == "cpu" and g * lq * lk >= CPU_PER_HEAD_MIN_SCORES:
+    platform = platform or default_target().platform
+    if platform == "cpu" and g * lq * lk >= CPU_PER_HEAD_MIN_SCORES:
         n = b * hkv
 
         def one_head(args):
@@ -125,23 +136,24 @@ def xla_attention(q, k, v, *, mask: MaskKind = "none", prefix_len: int = 0,
     return out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d).astype(q.dtype)
 
 
-# name -> (function, supports(q, k, v, mask, prefix_len, kv_len) -> str | None (reason if not))
+# name -> (function, supports); both take (q, k, v, *, mask, prefix_len, kv_len, scale, platform)
+# and supports returns None or the reason why it cannot serve the call
 _IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
     "xla": (xla_attention, lambda *a, **kw: None),
 }
-# backend -> implementation names to try in order under "auto"
+# platform -> implementation names to try in order under "auto"
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {}
 _warned: set[tuple] = set()
 
 
 def register_implementation(name: str, fn: Callable, supports: Callable,
-                            auto_backends: tuple[str, ...] = ()) -> None:
+                            auto_platforms: tuple[str, ...] = ()) -> None:
     """Adds a kernel behind the entry point (used by ``dar_jax.kernels``)."""
     _IMPLEMENTATIONS[name] = (fn, supports)
-    for backend in auto_backends:
-        order = _AUTO_ORDER.get(backend, ())
+    for platform in auto_platforms:
+        order = _AUTO_ORDER.get(platform, ())
         if name not in order:
-            _AUTO_ORDER[backend] = (name,) + order
+            _AUTO_ORDER[platform] = (name,) + order
 
 
 def available_implementations() -> tuple[str, ...]:
@@ -150,60 +162,62 @@ def available_implementations() -> tuple[str, ...]:
 
 
 def _load_kernels():
-    try:  # kernels register themselves on import; optional on backends without them
+    try:  # kernels register themselves on import; optional on platforms without them
         import dar_jax.kernels  # noqa: F401
     except ImportError as e:  # pragma: no cover
         log.debug("attention kernels unavailable: %s", e)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: MaskKind = "none",
-              prefix_len: int = 0, kv_len: jax.Array | None = None, scale: float | None = None,
-              implementation: str | None = "auto") -> jax.Array:
-    """Scaled dot-product attention.
-
-    q: (B, Lq, H, D); k, v: (B, Lk, Hkv, D) with H a multiple of Hkv; kv_len: (B,) int for
-    ``mask="decode"``. Returns (B, Lq, H, D) in q.dtype.
-    """
-    _check(q, k, v, mask, prefix_len, kv_len)
+def choose_implementation(q, k, v, *, mask: MaskKind = "none", prefix_len: int = 0,
+                          kv_len=None, scale: float | None = None,
+                          implementation: str | None = "auto", platform: str) -> str:
+    """The implementation that serves a call on ``platform`` (``auto``: the first kernel of the
+    platform that supports it, else ``xla``; a named kernel that cannot serve it raises)."""
     _load_kernels()
     name = implementation or "auto"
-    kwargs = dict(mask=mask, prefix_len=prefix_len, kv_len=kv_len, scale=scale)
+    kwargs = dict(mask=mask, prefix_len=prefix_len, kv_len=kv_len, scale=scale, platform=platform)
     if name == "auto":
-        for cand in _AUTO_ORDER.get(jax.default_backend(), ()):
-            fn, supports = _IMPLEMENTATIONS[cand]
-            reason = supports(q, k, v, **kwargs)
+        for cand in _AUTO_ORDER.get(platform, ()):
+            reason = _IMPLEMENTATIONS[cand][1](q, k, v, **kwargs)
             if reason is None:
-                return _run_kernel(cand, fn, q, k, v, kwargs)
-            key = (cand, mask, q.shape[1:], k.shape[1:], str(q.dtype))
+                return cand
+            key = (cand, platform, mask, q.shape[1:], k.shape[1:], str(q.dtype))
             if key not in _warned:
                 _warned.add(key)
-                log.info("attention: %s does not support this call (%s); using xla", cand, reason)
-        return xla_attention(q, k, v, **kwargs)
+                log.info("attention: %s does not support this call on %s (%s); using xla", cand,
+                         platform, reason)
+        return "xla"
     if name not in _IMPLEMENTATIONS:
         raise AttentionError(
             f"unknown attention implementation {name!r}; available: {available_implementations()}")
-    fn, supports = _IMPLEMENTATIONS[name]
-    reason = supports(q, k, v, **kwargs)
+    reason = _IMPLEMENTATIONS[name][1](q, k, v, **kwargs)
     if reason is not None:
-        raise AttentionError(f"attention implementation {name!r} cannot serve this call: {reason}")
-    return _run_kernel(name, fn, q, k, v, kwargs)
+        raise AttentionError(f"attention implementation {name!r} cannot serve this call on "
+                             f"{platform}: {reason}")
+    return name
 
 
-def _mesh_to_shard_over():
-    """The active mesh (``jax.set_mesh``) when a kernel must run per shard, else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
-        return None
-    return mesh
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: MaskKind = "none",
+              prefix_len: int = 0, kv_len: jax.Array | None = None, scale: float | None = None,
+              implementation: str | None = "auto", target: Target | None = None,
+              site: str | None = None) -> jax.Array:
+    """Scaled dot-product attention.
 
-
-def _run_kernel(name: str, fn: Callable, q, k, v, kwargs):
-    """Kernels are opaque to the SPMD partitioner: under an active mesh they run in shard_map
-    (batch over data/fsdp, heads over tensor), otherwise directly."""
-    if name == "xla":
-        return fn(q, k, v, **kwargs)
-    mesh = _mesh_to_shard_over()
-    if mesh is None:
-        return fn(q, k, v, **kwargs)
-    from dar_jax.kernels.sharding import sharded_attention
-    return sharded_attention(q, k, v, mesh, implementation=name, **kwargs)
+    q: (B, Lq, H, D); k, v: (B, Lk, Hkv, D) with H a multiple of Hkv; kv_len: (B,) int for
+    ``mask="decode"``. Returns (B, Lq, H, D) in q.dtype. ``target``: platform, mesh and rules
+    of the program (default: the first device, unsharded); under a sharded target kernels run
+    per shard (``shard_map``, specs from the target's rules). ``site`` names the call in the
+    compiled program (default: the mask kind).
+    """
+    _check(q, k, v, mask, prefix_len, kv_len)
+    target = target or default_target()
+    kwargs = dict(mask=mask, prefix_len=prefix_len, kv_len=kv_len, scale=scale)
+    with jax.named_scope(f"attention[{site or mask}]"):
+        name = choose_implementation(q, k, v, implementation=implementation,
+                                     platform=target.platform, **kwargs)
+        if name == "xla":
+            return xla_attention(q, k, v, platform=target.platform, **kwargs)
+        if target.sharded:  # kernels are opaque to the SPMD partitioner: run them per shard
+            from dar_jax.kernels.sharding import sharded_attention
+            return sharded_attention(q, k, v, target, implementation=name, **kwargs)
+        return _IMPLEMENTATIONS[name][0](q, k, v, platform=target.platform, **kwargs)

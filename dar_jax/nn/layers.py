@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -114,8 +115,11 @@ class Mlp(nnx.Module):
         self.fc2 = linear(hidden, out_dim or dim, (MLP, EMBED), rngs=rngs, dtype=dtype)
         self.activation = activation
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.activation(self.fc1(x)))
+    def __call__(self, x: jax.Array, target=None) -> jax.Array:
+        h = self.fc1(x)
+        if target is not None:
+            h = target.constrain(h, ("batch", "length", "mlp")[-h.ndim:])
+        return checkpoint_name(self.fc2(self.activation(checkpoint_name(h, "mlp_hidden"))), "mlp_out")
 
 
 def swiglu_hidden(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -138,8 +142,13 @@ class SwiGLU(nnx.Module):
         self.w2 = linear(hidden, dim, (MLP, EMBED), rngs=rngs, use_bias=use_bias, dtype=dtype,
                          kernel_init=normal(init_std))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+    def __call__(self, x: jax.Array, target=None) -> jax.Array:
+        """``target`` (a ``dar_jax.parallel.Target``): shard the hidden (B, L, F) activations."""
+        gate, up = self.w1(x), self.w3(x)
+        if target is not None:
+            gate, up = (target.constrain(a, ("batch", "length", "mlp")[-a.ndim:]) for a in (gate, up))
+        gate, up = checkpoint_name(gate, "mlp_hidden"), checkpoint_name(up, "mlp_hidden")
+        return checkpoint_name(self.w2(jax.nn.silu(gate) * up), "mlp_out")
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

@@ -99,11 +99,11 @@ def init_state(cfg: TokenizerConfig, noise: jax.Array, *, num_steps: int | None 
     return DecodeState(x, S.init_history(x))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def prepare(cfg: TokenizerConfig, params, cond: jax.Array):
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def prepare(cfg: TokenizerConfig, params, cond: jax.Array, target=None):
     """Per-block cross-attention keys/values of every condition token (computed once per cond).
     cond: (B, N', D) -> tuple over blocks of (k, v), each (B, N', heads, 64)."""
-    return bind(cfg, params).diff.prepare_cond(cond)
+    return bind(cfg, params).diff.prepare_cond(cond, target)
 
 
 def _slice_window(kv, start, length):
@@ -111,8 +111,8 @@ def _slice_window(kv, start, length):
                   jax.lax.dynamic_slice_in_dim(v, start, length, axis=1)) for k, v in kv)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "with_state"))
-def _run(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state):
+@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "with_state", "target"))
+def _run(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state, target=None):
     net = bind(cfg, params).diff
     times = jnp.asarray(time_points(num_steps, cfg.time_shift))
     wins = jnp.asarray(window_starts(cfg, num_steps))
@@ -121,7 +121,7 @@ def _run(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state
 
     def evaluator(i):
         window = _slice_window(kv, wins[i], qps)
-        return lambda xx, t: net(xx, jnp.full((batch,), t, jnp.float32), window)
+        return lambda xx, t: net(xx, jnp.full((batch,), t, jnp.float32), window, target=target)
 
     def body(i, carry):
         xx, hh = carry
@@ -152,7 +152,7 @@ def _check_range(start, stop, num_steps):
 
 
 def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop, *,
-              solver: str = "adams2", num_steps: int | None = None):
+              solver: str = "adams2", num_steps: int | None = None, target=None):
     """Runs steps [start, stop) from ``state`` (at time point ``start``).
 
     kv: :func:`prepare` of the condition (only the windows of these steps must be final).
@@ -160,12 +160,13 @@ def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop,
     the reference's ``clip_steps=stop`` image, i.e. step stop-1 jumping to t = 1 (for
     ``stop == num_steps`` it is the final image), resized to ``output_resolution`` if set.
     ``start``/``stop`` may be Python or traced ints: one compiled program serves every range.
+    ``target``: the ``dar_jax.parallel.Target`` of the program (default: the first device).
     """
     num_steps = num_steps or cfg.num_denoising_steps
     solver = S.canonical(solver)
     _check_range(start, stop, num_steps)
     return _run(params, kv, state.x, state.hist, jnp.int32(start), jnp.int32(stop), cfg=cfg,
-                solver=solver, num_steps=num_steps, with_state=True)
+                solver=solver, num_steps=num_steps, with_state=True, target=target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,11 +183,11 @@ def postprocess(cfg: TokenizerConfig, images: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 # the public decode
 # ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps"))
-def _decode(params, cond, x, start, stop, *, cfg, solver, num_steps):
-    kv = bind(cfg, params).diff.prepare_cond(cond)
+@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "target"))
+def _decode(params, cond, x, start, stop, *, cfg, solver, num_steps, target=None):
+    kv = bind(cfg, params).diff.prepare_cond(cond, target)
     return _run(params, kv, x, S.init_history(x), start, stop, cfg=cfg, solver=solver,
-                num_steps=num_steps, with_state=False)
+                num_steps=num_steps, with_state=False, target=target)
 
 
 def resolution(cfg: TokenizerConfig, size: int | Sequence[int] | None = None) -> tuple[int, int]:
@@ -217,7 +218,8 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
            solver: str = "adams2", num_steps: int | None = None,
            preview_steps: int | None = None, preview_groups: int | None = None,
            start_step: int | None = None, start_image: jax.Array | None = None,
-           size: int | Sequence[int] | None = None, check: bool = True) -> jax.Array:
+           size: int | Sequence[int] | None = None, check: bool = True,
+           target=None) -> jax.Array:
     """Codes (B, N) int or cond (B, N, D) float -> images (B, H, W, 3) in data space ([-1, 1]).
 
     noise_or_key: initial noise x0 (B, H, W, 3), or a PRNG key (noise drawn at
@@ -235,7 +237,7 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
     solver = S.canonical(solver)
     codes_or_cond = jnp.asarray(codes_or_cond)
     if jnp.issubdtype(codes_or_cond.dtype, jnp.integer):
-        cond = T.codes_to_cond(cfg, params, codes_or_cond, check=check)
+        cond = T.codes_to_cond(cfg, params, codes_or_cond, check=check, target=target)
     else:
         cond = codes_or_cond
         if cond.ndim != 3 or cond.shape[-1] != cfg.decoder_dim:
@@ -277,4 +279,4 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
     _check_range(start, stop, num_steps)
     state = init_state(cfg, noise, num_steps=num_steps, start_step=start, start_image=start_image)
     return _decode(params, cond, state.x, jnp.int32(start), jnp.int32(stop), cfg=cfg,
-                   solver=solver, num_steps=num_steps)
+                   solver=solver, num_steps=num_steps, target=target)

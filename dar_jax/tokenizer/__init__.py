@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dar_jax.parallel.host import host_local_values
 from dar_jax.tokenizer import flow, quantizer
 from dar_jax.tokenizer.config import (DiffDecoderConfig, ImageSizeError, TokenizerConfig,
                                       TokenizerInputError, tiny_config, tokenizer_config)
@@ -62,7 +63,7 @@ def check_images(cfg: TokenizerConfig, images, *, check_range: bool = False) -> 
                                   f"(shape {shape}; NCHW input must be transposed)")
     cfg.check_image_size(shape[1], shape[2])
     if check_range and _concrete(images):
-        arr = np.asarray(images)
+        arr = host_local_values(images)   # a global array: the rows this process holds
         lo, hi = float(arr.min()), float(arr.max())
         if not np.isfinite([lo, hi]).all() or lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
             raise ImageRangeError(f"image values must lie in [-1, 1], got [{lo:.4g}, {hi:.4g}]")
@@ -79,7 +80,7 @@ def check_codes(cfg: TokenizerConfig, codes) -> None:
     if not jnp.issubdtype(jnp.asarray(codes).dtype if _concrete(codes) else codes.dtype, jnp.integer):
         raise TokenizerInputError(f"codes must be integers, got {codes.dtype}")
     if _concrete(codes) and np.size(codes):
-        arr = np.asarray(codes)
+        arr = host_local_values(codes)
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= cfg.vq_codebook_size:
             raise CodeRangeError(f"codes must lie in [0, {cfg.vq_codebook_size}), got [{lo}, {hi}]")
@@ -88,53 +89,56 @@ def check_codes(cfg: TokenizerConfig, codes) -> None:
 # ----------------------------------------------------------------------------------------------
 # encoder and quantizer
 # ----------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _latents(cfg, params, images, remat="none", target=None):
+    return bind(cfg, params).encode(images, remat=remat, target=target)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _latents(cfg, params, images, remat=False):
-    return bind(cfg, params).encode(images, remat=remat)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(cfg, params, images):
+def _encode(cfg, params, images, target=None):
     model = bind(cfg, params)
-    return quantizer.quantize(model.encode(images), model.codebook[...]).codes
+    return quantizer.quantize(model.encode(images, target=target), model.codebook[...]).codes
 
 
-def encode(cfg: TokenizerConfig, params, images, *, check_range: bool = False) -> jax.Array:
-    """images (B, H, W, 3) in [-1, 1] -> codes (B, num_all_queries) int32."""
+def encode(cfg: TokenizerConfig, params, images, *, check_range: bool = False,
+           target=None) -> jax.Array:
+    """images (B, H, W, 3) in [-1, 1] -> codes (B, num_all_queries) int32. ``target``: the
+    ``dar_jax.parallel.Target`` of the program (default: the first device)."""
     check_images(cfg, images, check_range=check_range)
-    return _encode(cfg, params, jnp.asarray(images))
+    return _encode(cfg, params, jnp.asarray(images), target)
 
 
-def _remat(cfg: TokenizerConfig, remat: bool | None) -> bool:
-    return cfg.diff_decoder.grad_checkpointing if remat is None else bool(remat)
+def _remat(cfg: TokenizerConfig, remat: str | bool | None) -> str:
+    from dar_jax.nn.remat import canonical
+    return cfg.remat_policy if remat is None else canonical(remat)
 
 
 def encode_latents(cfg: TokenizerConfig, params, images, *, check_range: bool = False,
-                   remat: bool | None = None) -> Quantized:
+                   remat: str | bool | None = None, target=None) -> Quantized:
     """Training-facing encode: Quantized(quant (straight-through), codes, z_norm, z_q), each
     (B, N, vq_dim) except codes; differentiable w.r.t. params. ``remat`` (default: the config's
-    ``grad_checkpointing``) rematerialises the blocks in the backward pass."""
+    ``remat_policy``) rematerialises the blocks in the backward pass (``dar_jax.nn.remat``)."""
     check_images(cfg, images, check_range=check_range)
-    z = _latents(cfg, params, jnp.asarray(images), _remat(cfg, remat))
+    z = _latents(cfg, params, jnp.asarray(images), _remat(cfg, remat), target)
     return quantizer.quantize(z, params["codebook"])
 
 
 # ----------------------------------------------------------------------------------------------
 # decoder layers
 # ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _quant_to_cond(cfg, params, quant, remat=False):
-    return bind(cfg, params).decoder_layers_forward(quant, remat=remat)
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _quant_to_cond(cfg, params, quant, remat="none", target=None):
+    return bind(cfg, params).decoder_layers_forward(quant, remat=remat, target=target)
 
 
 def quant_to_cond(cfg: TokenizerConfig, params, quant: jax.Array, *,
-                  remat: bool | None = None) -> jax.Array:
+                  remat: str | bool | None = None, target=None) -> jax.Array:
     """Causal decoder layers: quant (B, N', vq_dim) -> cond (B, N', decoder_dim), N' <= N.
     Causal, so cond[:, :k] depends only on quant[:, :k] (streaming, layout control)."""
     if quant.ndim != 3 or quant.shape[-1] != cfg.vq_dim or quant.shape[1] > cfg.num_all_queries:
         raise TokenizerInputError(f"quant must be (B, N <= {cfg.num_all_queries}, {cfg.vq_dim}), "
                                   f"got {quant.shape}")
-    return _quant_to_cond(cfg, params, quant, _remat(cfg, remat))
+    return _quant_to_cond(cfg, params, quant, _remat(cfg, remat), target)
 
 
 def codes_to_quant(cfg: TokenizerConfig, params, codes, *, check: bool = True) -> jax.Array:
@@ -144,42 +148,43 @@ def codes_to_quant(cfg: TokenizerConfig, params, codes, *, check: bool = True) -
     return quantizer.lookup(jnp.asarray(codes, jnp.int32), params["codebook"])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _codes_to_cond(cfg, params, codes):
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _codes_to_cond(cfg, params, codes, target=None):
     model = bind(cfg, params)
-    return model.decoder_layers_forward(quantizer.lookup(codes, model.codebook[...]))
+    return model.decoder_layers_forward(quantizer.lookup(codes, model.codebook[...]), target=target)
 
 
-def codes_to_cond(cfg: TokenizerConfig, params, codes, *, check: bool = True) -> jax.Array:
+def codes_to_cond(cfg: TokenizerConfig, params, codes, *, check: bool = True,
+                  target=None) -> jax.Array:
     """codes (B, N') int -> cond (B, N', decoder_dim) float32 (N' <= num_all_queries)."""
     if check:
         check_codes(cfg, codes)
-    return _codes_to_cond(cfg, params, jnp.asarray(codes, jnp.int32))
+    return _codes_to_cond(cfg, params, jnp.asarray(codes, jnp.int32), target)
 
 
 # ----------------------------------------------------------------------------------------------
 # diffusion network
 # ----------------------------------------------------------------------------------------------
 def velocity(cfg: TokenizerConfig, params, x_t: jax.Array, t: jax.Array, cond_group: jax.Array, *,
-             return_repa: bool = False, remat: bool | None = None):
+             return_repa: bool = False, remat: str | bool | None = None, target=None):
     """One evaluation of the diffusion network (pure; jit it, or call inside a jitted step).
 
     x_t: (B, H, W, 3) (flow space: data x std); t: (B,) shifted time in [0, 1];
     cond_group: (B, Lc, decoder_dim) condition window. Returns v (B, H, W, 3) float32, and with
     ``return_repa`` also the REPA projection (B, L', 768) of the hidden state entering block
     ``repa_layer`` (pooled by rows // 16, at least 1; needs ``cfg.repa_projector``). ``remat``
-    (default: the config's ``grad_checkpointing``) rematerialises blocks in the backward pass.
+    (default: the config's ``remat_policy``) rematerialises blocks in the backward pass.
     """
     net = bind(cfg, params).diff
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
-    return net(x_t, t, net.prepare_cond(cond_group), return_repa=return_repa,
-               remat=_remat(cfg, remat))
+    return net(x_t, t, net.prepare_cond(cond_group, target), return_repa=return_repa,
+               remat=_remat(cfg, remat), target=target)
 
 
-def cond_kv(cfg: TokenizerConfig, params, cond: jax.Array):
+def cond_kv(cfg: TokenizerConfig, params, cond: jax.Array, target=None):
     """Per-block cross-attention keys/values of each cond token (what decode steps slice)."""
     from dar_jax.sampling.sequential import prepare
-    return prepare(cfg, params, cond)
+    return prepare(cfg, params, cond, target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,12 +193,13 @@ def cond_kv(cfg: TokenizerConfig, params, cond: jax.Array):
 def decode(cfg: TokenizerConfig, params, codes_or_cond, noise_or_key, solver: str = "adams2",
            num_steps: int | None = None, preview_steps: int | None = None,
            preview_groups: int | None = None, start_step: int | None = None,
-           start_image=None, size=None, check: bool = True) -> jax.Array:
+           start_image=None, size=None, check: bool = True, target=None) -> jax.Array:
     """See :func:`dar_jax.sampling.decode` (images NHWC in data space, divided by data_std)."""
     from dar_jax.sampling.sequential import decode as _decode
     return _decode(cfg, params, codes_or_cond, noise_or_key, solver=solver, num_steps=num_steps,
                    preview_steps=preview_steps, preview_groups=preview_groups,
-                   start_step=start_step, start_image=start_image, size=size, check=check)
+                   start_step=start_step, start_image=start_image, size=size, check=check,
+                   target=target)
 
 
 def reconstruct(cfg: TokenizerConfig, params, images, noise_or_key, *, solver: str = "adams2",

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from dar_jax.config import ConfigError, from_mapping
+from dar_jax.nn.remat import canonical as remat_canonical
 
 HEAD_DIM = 64            # fixed in the reference (TransformerBlock / SiTBlock head_dim)
 ROPE_AXES = (32, 32)     # Flux-style 2D RoPE split of a 64-wide head (rows, columns)
@@ -92,6 +93,9 @@ class TokenizerConfig:
     # need a little (e.g. 0.02): with zero the condition reaches the loss only through products
     # of zero-initialised weights, and the codes collapse to one per position for a long time.
     adaln_init_std: float = 0.0
+    # training remat policy of every block (dar_jax.nn.remat: none | full | dots | names);
+    # "" follows the reference's diff_decoder.grad_checkpointing (full when true, else none)
+    remat: str = ""
 
     def __post_init__(self):
         if isinstance(self.diff_decoder, Mapping):
@@ -124,6 +128,11 @@ class TokenizerConfig:
         if self.queries_per_step > self.num_all_queries:
             raise ConfigError(f"queries_per_step {self.queries_per_step} exceeds num_all_queries "
                               f"{self.num_all_queries}")
+        if self.remat:
+            try:
+                object.__setattr__(self, "remat", remat_canonical(self.remat))
+            except ValueError as e:
+                raise ConfigError(f"tokenizer {e}") from None
         if self.diff_decoder.cond_dim != self.decoder_dim:
             raise ConfigError(f"diff_decoder.cond_dim {self.diff_decoder.cond_dim} must equal "
                               f"decoder_dim {self.decoder_dim}")
@@ -132,6 +141,13 @@ class TokenizerConfig:
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def remat_policy(self) -> str:
+        """The remat policy training uses (``remat``, or the reference's grad_checkpointing)."""
+        if self.remat:
+            return self.remat
+        return "full" if self.diff_decoder.grad_checkpointing else "none"
 
     @property
     def data_std(self) -> float:

@@ -24,13 +24,18 @@ import numpy as np
 from flax import nnx
 
 from dar_jax.nn import layers as L
+from dar_jax.nn import remat as R
 from dar_jax.nn.functional import Functional
 from dar_jax.nn.attention import attention
+from dar_jax.parallel.target import Target, default_target
 from dar_jax.nn.resize import avg_pool_tokens
 from dar_jax.nn.rope import apply_rope, concat_tables, identity_table, rope_2d_table
 from dar_jax.tokenizer.config import (HEAD_DIM, LOW_RANK, QUERY_TABLE, REPA_HIDDEN, REPA_OUT,
                                       ROPE_AXES, TokenizerConfig)
 
+# logical axes of activations (mapped to mesh axes by the same rules as the parameters)
+ACT = ("batch", "length", "embed")
+ACT_HEADS = ("batch", "length", "heads", "head_dim")
 
 
 def torch_default(fan_in: int):
@@ -80,29 +85,32 @@ class Attention(nnx.Module):
         self.k_norm = L.LayerNorm(HEAD_DIM, eps=1e-6)
         self.proj = L.linear(dim, dim, (L.HEADS, L.EMBED), rngs=rngs, dtype=dtype, kernel_init=init)
 
-    def _heads(self, x):
-        return x.reshape(*x.shape[:-1], self.heads, HEAD_DIM)
+    def _heads(self, x, target: Target):
+        x = x.reshape(*x.shape[:-1], self.heads, HEAD_DIM)
+        return R.name(target.constrain(x, ACT_HEADS), "qkv")
 
-    def queries(self, x):
+    def queries(self, x, target: Target):
         """x: (B, L, D) -> normalised queries (B, L, H, 64)."""
-        return self.q_norm(self._heads(self.q(x)))
+        return self.q_norm(self._heads(self.q(x), target))
 
-    def keys_values(self, x):
+    def keys_values(self, x, target: Target):
         """x: (B, L, D) -> normalised keys and values, each (B, L, H, 64)."""
-        return self.k_norm(self._heads(self.k(x))), self._heads(self.v(x))
+        return self.k_norm(self._heads(self.k(x), target)), self._heads(self.v(x), target)
 
-    def output(self, y):
+    def output(self, y, target: Target):
         """y: (B, L, H, 64) -> (B, L, D)."""
-        return self.proj(y.reshape(*y.shape[:-2], -1))
+        y = R.name(target.constrain(y, ACT_HEADS), "context")
+        return R.name(target.constrain(self.proj(y.reshape(*y.shape[:-2], -1)), ACT), "attn_out")
 
-    def __call__(self, x, *, mask="none", prefix_len=0, rope=None):
+    def __call__(self, x, target: Target, *, mask="none", prefix_len=0, rope=None, site=None):
         """Self-attention; ``rope`` = (cos, sin) rotates queries and keys."""
-        q = self.queries(x)
-        k, v = self.keys_values(x)
+        q = self.queries(x, target)
+        k, v = self.keys_values(x, target)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = attention(q, k, v, mask=mask, prefix_len=prefix_len, implementation=self.impl)
-        return self.output(y)
+        y = attention(q, k, v, mask=mask, prefix_len=prefix_len, implementation=self.impl,
+                      target=target, site=site)
+        return self.output(y, target)
 
 
 class TransformerBlock(nnx.Module):
@@ -116,11 +124,12 @@ class TransformerBlock(nnx.Module):
         self.gate1 = L.param(jnp.zeros((dim,)), (L.EMBED,))
         self.gate2 = L.param(jnp.zeros((dim,)), (L.EMBED,))
 
-    def __call__(self, x, *, mask, prefix_len=0, rope=None):
-        a = self.attention(self.norm1(x), mask=mask, prefix_len=prefix_len, rope=rope)
+    def __call__(self, x, target: Target, *, mask, prefix_len=0, rope=None, site=None):
+        a = self.attention(self.norm1(x), target, mask=mask, prefix_len=prefix_len, rope=rope,
+                           site=site)
         x = x + a * self.gate1[...].astype(a.dtype)
-        m = self.mlp(self.norm2(x))
-        return x + m * self.gate2[...].astype(m.dtype)
+        m = target.constrain(self.mlp(self.norm2(x), target), ACT)
+        return target.constrain(x + m * self.gate2[...].astype(m.dtype), ACT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,24 +159,28 @@ class SiTBlock(nnx.Module):
         self.cond_embed = L.Mlp(dim, dim, rngs=rngs, dtype=dtype)
         self.impl = impl
 
-    def cond_kv(self, c):
+    def cond_kv(self, c, target: Target):
         """Keys and values of the cross-attention for core-level cond c: (B, Lc, D)."""
         c = norm(self.cond_embed(c))
-        return self.cross_attn.keys_values(c)
+        return self.cross_attn.keys_values(c, target)
 
-    def __call__(self, x, temb, kv, rope):
+    def __call__(self, x, temb, kv, rope, target: Target):
         """x: (B, L, D) residual stream; temb: (B, D); kv: cond_kv(...); rope: (cos, sin)."""
         if self.time_embed is not None:
             temb = self.time_embed(temb)
         xn = norm(x)
-        q = apply_rope(self.cross_attn.queries(xn), *rope)
-        sc = self.cross_attn.output(attention(q, kv[0], kv[1], mask="none", implementation=self.impl))
+        q = apply_rope(self.cross_attn.queries(xn, target), *rope)
+        sc = self.cross_attn.output(
+            attention(q, kv[0], kv[1], mask="none", implementation=self.impl, target=target,
+                      site="decoder.cross"), target)
         mod = self.adaLN(jax.nn.silu(temb[:, None, :].astype(sc.dtype) + sc))
+        mod = R.name(target.constrain(mod, ("batch", "length", "mlp")), "adaln")
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-        a = self.attention(modulate(xn.astype(mod.dtype), shift_a, scale_a), rope=rope)
+        a = self.attention(modulate(xn.astype(mod.dtype), shift_a, scale_a), target, rope=rope,
+                           site="decoder.self")
         x = x + gate_a * a
-        m = self.mlp(modulate(norm(x).astype(mod.dtype), shift_m, scale_m))
-        return x + gate_m * m
+        m = self.mlp(modulate(norm(x).astype(mod.dtype), shift_m, scale_m), target)
+        return target.constrain(x + gate_m * m, ACT)
 
 
 class FinalLayer(nnx.Module):
@@ -224,14 +237,15 @@ class DiffusionCore(nnx.Module):
         dc = self.cfg.diff_decoder
         return rope_2d_table(gh, gw, HEAD_DIM, dc.rope_base_len, ROPE_AXES)
 
-    def prepare_cond(self, cond):
+    def prepare_cond(self, cond, target: Target | None = None):
         """cond: (B, Lc, cond_dim) -> per block (k, v), each (B, Lc, H, 64).
 
         Everything the network does to the condition is per token, so this runs once per
         sequence of conditions and decode steps slice their window out of it.
         """
+        target = target or default_target()
         c = norm(self.cond_mlp(cond))
-        return tuple(block.cond_kv(c) for block in self.blocks)
+        return tuple(block.cond_kv(c, target) for block in self.blocks)
 
     def time_embedding(self, t):
         """t: (B,) shifted time -> what the blocks take: raw t or the shared embedding (B, D)."""
@@ -280,22 +294,23 @@ class DiffusionCore(nnx.Module):
                 h = jax.nn.silu(h)
         return h.astype(jnp.float32)
 
-    def __call__(self, x, t, kv, *, return_repa: bool = False, remat: bool = False):
+    def __call__(self, x, t, kv, *, return_repa: bool = False, remat: str = "none",
+                 target: Target | None = None):
         """Velocity. x: (B, H, W, 3) x_t (data scaled by std); t: (B,) shifted time;
         kv: prepare_cond(cond group). Returns v (B, H, W, 3) float32 [, REPA (B, L', 768)].
-        ``remat``: rematerialise each block in the backward pass (training memory)."""
+        ``remat``: the policy rematerialising each block in the backward pass (nn.remat)."""
         dc = self.cfg.diff_decoder
+        target = target or default_target()
         tok, grid = self.patchify(x)
+        tok = target.constrain(tok, ACT)
         rope = self.rope(*grid)
         temb = self.time_embedding(t)
         repa = None
+        step = R.remat(lambda blk, x_, t_, kv_: blk(x_, t_, kv_, rope, target), remat)
         for i, block in enumerate(self.blocks):
             if return_repa and i == dc.repa_layer:
                 repa = self.repa_features(tok, grid)
-            if remat:
-                tok = nnx.remat(lambda blk, x_, t_, kv_: blk(x_, t_, kv_, rope))(block, tok, temb, kv[i])
-            else:
-                tok = block(tok, temb, kv[i], rope)
+            tok = step(block, tok, temb, kv[i])
         v = self.unpatchify(tok, temb, grid)
         if return_repa:
             if self.repa_out is None:
@@ -359,9 +374,11 @@ class Tokenizer(nnx.Module):
             q = self.query_linear(q)
         return q.astype(jnp.float32)
 
-    def encode(self, images, *, remat: bool = False):
-        """images: (B, H, W, 3) in [-1, 1] -> pre-quantisation latents (B, N, vq_dim) float32."""
+    def encode(self, images, *, remat: str = "none", target: Target | None = None):
+        """images: (B, H, W, 3) in [-1, 1] -> pre-quantisation latents (B, N, vq_dim) float32.
+        ``remat``: the blocks' remat policy (nn.remat); ``target``: see dar_jax.parallel."""
         cfg = self.cfg
+        target = target or default_target()
         dtype = cfg.compute_dtype
         p = cfg.encoder_patch_size
         b, h, w, _ = images.shape
@@ -372,26 +389,29 @@ class Tokenizer(nnx.Module):
         tok = tok.reshape(b, gh * gw, -1) + self.patchify_bias[...]
         tok = norm(tok)
         q = jnp.broadcast_to(self.queries()[None], (b,) + (cfg.num_all_queries, tok.shape[-1]))
-        x = jnp.concatenate([tok, q], axis=1)
+        x = target.constrain(jnp.concatenate([tok, q], axis=1), ACT)
         rope = self.encoder_rope(gh, gw)
+        fn = R.remat(lambda blk, x_: blk(x_, target, mask="prefix_causal", prefix_len=gh * gw,
+                                         rope=rope, site="encoder.prefix_causal"), remat)
         for layer in self.encoder_layers:
-            fn = lambda blk, x_: blk(x_, mask="prefix_causal", prefix_len=gh * gw, rope=rope)
-            x = nnx.remat(fn)(layer, x) if remat else fn(layer, x)
+            x = fn(layer, x)
         z = norm(x[:, -cfg.num_all_queries:])
         return jnp.einsum("bnd,dk->bnk", z.astype(dtype), self.quant_in[...].astype(dtype),
                           preferred_element_type=jnp.float32)
 
     # --- decoder layers -----------------------------------------------------------------------------
-    def decoder_layers_forward(self, quant, *, remat: bool = False):
+    def decoder_layers_forward(self, quant, *, remat: str = "none", target: Target | None = None):
         """quant: (B, N', vq_dim) (N' <= num_all_queries) -> cond (B, N', decoder_dim) float32."""
         dtype = self.cfg.compute_dtype
+        target = target or default_target()
         n = quant.shape[1]
         x = jnp.einsum("bnk,kd->bnd", quant.astype(dtype), self.quant_out[...].astype(dtype),
                        preferred_element_type=jnp.float32)
-        x = x + self.decoder_embedding[...][:n]
+        x = target.constrain(x + self.decoder_embedding[...][:n], ACT)
+        fn = R.remat(lambda blk, x_: blk(x_, target, mask="causal", site="decoder_layers.causal"),
+                     remat)
         for layer in self.decoder_layers:
-            fn = lambda blk, x_: blk(x_, mask="causal")
-            x = nnx.remat(fn)(layer, x) if remat else fn(layer, x)
+            x = fn(layer, x)
         return norm(x).astype(jnp.float32)
 
 

@@ -34,15 +34,20 @@ def gpt_train_flops_per_example(cfg: ar.GPTConfig) -> float:
 class ARTask(Task):
     kind = "gpt"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, tokenizer=None):
+        """``tokenizer``: (TokenizerConfig, params) to tokenize images with instead of loading
+        ``cfg.tokenizer.checkpoint`` (params may be ShapeDtypeStructs: ``dar_jax.aot``)."""
         self.cfg = cfg
         self.model_cfg = gpt_config_from_run(cfg.model)
         self.tokenizer = None
         tok_path = cfg.tokenizer.checkpoint if "tokenizer" in cfg else ""
-        if tok_path:
+        if tokenizer is not None or tok_path:
             from dar_jax import tokenizer as tok
-            from dar_jax.checkpoint import load_model
-            _, tok_cfg, tok_params = load_model(tok_path, kind="tokenizer")
+            if tokenizer is not None:
+                tok_cfg, tok_params = tokenizer
+            else:
+                from dar_jax.checkpoint import load_model
+                _, tok_cfg, tok_params = load_model(tok_path, kind="tokenizer")
             if tok_cfg.vq_codebook_size != self.model_cfg.vocab_size:
                 raise ConfigError(f"tokenizer codebook ({tok_cfg.vq_codebook_size}) != GPT vocab_size "
                                   f"({self.model_cfg.vocab_size})")
@@ -64,18 +69,29 @@ class ARTask(Task):
     def consts(self):
         return {"tokenizer": self.tokenizer[2]} if self.tokenizer else {}
 
-    def tokens_of(self, batch, consts):
+    def tokens_of(self, batch, consts, target=None):
         if "tokens" in batch:
             return batch["tokens"]
         if self.tokenizer is None:
             raise ConfigError("the batch holds images but no tokenizer.checkpoint is configured")
         tok, tok_cfg, _ = self.tokenizer
-        return jax.lax.stop_gradient(tok.encode(tok_cfg, consts["tokenizer"], batch["image"]))
+        return jax.lax.stop_gradient(tok.encode(tok_cfg, consts["tokenizer"], batch["image"],
+                                                target=target))
 
-    def loss(self, params, batch, key, consts, step):
-        tokens = self.tokens_of(batch, consts)
+    def abstract_batch(self, global_batch):
+        out = {"label": jax.ShapeDtypeStruct((global_batch,), np.int32)}
+        if self.tokenizer is None or self.cfg.data.kind == "codes":
+            out["tokens"] = jax.ShapeDtypeStruct((global_batch, self.model_cfg.block_size), np.int32)
+        else:
+            size = int(self.cfg.data.image_size)
+            out["image"] = jax.ShapeDtypeStruct((global_batch, size, size, 3), np.float32)
+        return out
+
+    def loss(self, params, batch, key, consts, step, target):
+        tokens = self.tokens_of(batch, consts, target)
         labels = batch["label"]
-        logits = ar.forward(self.model_cfg, params, tokens[:, :-1], labels, dropout_key=key)
+        logits = ar.forward(self.model_cfg, params, tokens[:, :-1], labels, dropout_key=key,
+                            target=target)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
         acc = jnp.mean(jnp.argmax(logits, -1) == tokens)
         return ce.mean(), {"token_accuracy": acc}
@@ -97,30 +113,44 @@ class ARTask(Task):
         return out
 
     def flops_per_example(self):
-        return gpt_train_flops_per_example(self.model_cfg)
+        """GPT forward + backward, plus the frozen tokenizer's encoder forward when images are
+        tokenized in the step (work the step does, so MFU counts it)."""
+        flops = gpt_train_flops_per_example(self.model_cfg)
+        if self.tokenizer is not None and self.cfg.data.kind != "codes":
+            from dar_jax.train.tokenizer_task import encoder_flops
+            flops += encoder_flops(self.tokenizer[1], int(self.cfg.data.image_size))
+        return flops
 
     # --- evaluation: cheap FID / IS of samples (eval.fid_num_samples > 0) ------------------------
-    def evaluate(self, state, step, writer):
+    def evaluate(self, state, step, writer, target):
+        """Samples with the (EMA) params where they are (sharded on the trainer's mesh, possibly
+        over several hosts); the images are gathered to every process, which all compute the
+        same metrics."""
         ev = self.cfg.eval
         if not ev.fid_num_samples:
             return {}
         if self.tokenizer is None or not ev.inception:
             raise ConfigError("eval.fid_num_samples needs tokenizer.checkpoint and eval.inception")
-        from dar_jax import pipeline
+        from dar_jax import parallel, pipeline
         from dar_jax.evaluate.training import SmallFID
         if getattr(self, "_fid", None) is None:
             self._fid = SmallFID(ev.inception, ev.reference, ev.protocol)
         _, tok_cfg, tok_params = self.tokenizer
-        params = jax.device_get(state["ema"] if "ema" in state else state["params"])
-        models = pipeline.make_models(self.model_cfg, params, tok_cfg, tok_params)
+        if getattr(self, "_tok_placed", None) is None:
+            self._tok_placed = parallel.put_replicated(tok_params, target)
+        params = state["ema"] if "ema" in state else state["params"]
+        models = pipeline.make_models(self.model_cfg, params, tok_cfg, self._tok_placed)
         opts = pipeline.SampleOptions(cfg_scale=ev.cfg_scale, solver=ev.solver, num_steps=ev.steps or None)
-        n, bs = int(ev.fid_num_samples), int(ev.batch_size)
+        n = int(ev.fid_num_samples)
+        div = parallel.batch_divisor(target.mesh, target.rules) if target.sharded else 1
+        bs = -(-int(ev.batch_size) // div) * div
         labels = np.arange(n) % self.model_cfg.num_classes
         images = []
         for s in range(0, n, bs):
             idx = np.arange(s, s + bs)
-            res = pipeline.sample(models, labels[idx % n], pipeline.keys_for(int(self.cfg.train.seed), idx), opts)
-            images.append(np.asarray(pipeline.to_uint8(res.images)))
+            res = pipeline.sample_global(models, labels[idx % n], idx, int(self.cfg.train.seed), opts,
+                                         target=target)
+            images.append(pipeline.to_uint8(res.images))
         return self._fid(np.concatenate(images)[:n], prefix="eval_")
 
     def tokens_per_example(self):

@@ -108,12 +108,12 @@ class Attention(nnx.Module):
                             (L.HEADS, L.HEAD_DIM, L.EMBED))
         self.proj_bias = L.param(jnp.zeros((d,)), (L.EMBED,))
 
-    def __call__(self, x):
+    def __call__(self, x, target=None):
         dtype = self.cfg.compute_dtype
         qkv = jnp.einsum("bld,dthk->blthk", x.astype(dtype), self.qkv[...].astype(dtype))
         qkv = qkv + self.qkv_bias[...].astype(dtype)
         y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask="none",
-                      implementation=self.cfg.attention_impl)
+                      implementation=self.cfg.attention_impl, target=target, site="dinov2.self")
         return jnp.einsum("blhk,hkd->bld", y, self.proj[...].astype(dtype)) + self.proj_bias[...].astype(dtype)
 
 
@@ -137,9 +137,9 @@ class Block(nnx.Module):
             self.mlp = L.SwiGLU(d, cfg.mlp_hidden, rngs=rngs, dtype=dtype, use_bias=True)
         self.ls2 = L.param(jnp.ones((d,)), (L.EMBED,))
 
-    def __call__(self, x):
+    def __call__(self, x, target=None):
         dtype = x.dtype
-        x = x + self.attn(self.norm1(x)) * self.ls1[...].astype(dtype)
+        x = x + self.attn(self.norm1(x), target) * self.ls1[...].astype(dtype)
         return x + self.mlp(self.norm2(x)) * self.ls2[...].astype(dtype)
 
 
@@ -180,7 +180,7 @@ class DinoV2(nnx.Module):
             grid = resize_bicubic(grid, (rows, cols))
         return jnp.concatenate([pos[:1], grid.reshape(rows * cols, -1)], axis=0)
 
-    def __call__(self, images):
+    def __call__(self, images, target=None):
         cfg, p = self.cfg, self.cfg.patch_size
         dtype = cfg.compute_dtype
         b, h, w, c = images.shape
@@ -198,7 +198,9 @@ class DinoV2(nnx.Module):
                                    (b, cfg.num_register_tokens, cfg.embed_dim))
             x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, target)
+            if target is not None:
+                x = target.constrain(x, ("batch", "length", "embed"))
         return self.norm(x)
 
 
@@ -210,18 +212,20 @@ abstract_params = DINOV2_FN.abstract_params
 logical_axes = DINOV2_FN.logical_axes
 
 
-def forward_features(cfg: DinoV2Config, params, images: jax.Array) -> dict[str, jax.Array]:
+def forward_features(cfg: DinoV2Config, params, images: jax.Array,
+                     target=None) -> dict[str, jax.Array]:
     """The official ``forward_features``: images (B, H, W, 3) preprocessed ->
-    ``x_norm_clstoken`` (B, D), ``x_norm_regtokens`` (B, R, D), ``x_norm_patchtokens`` (B, N, D)."""
-    x = bind(cfg, params)(images)
+    ``x_norm_clstoken`` (B, D), ``x_norm_regtokens`` (B, R, D), ``x_norm_patchtokens`` (B, N, D).
+    ``target``: the ``dar_jax.parallel.Target`` of the program (default: the first device)."""
+    x = bind(cfg, params)(images, target)
     r = cfg.num_register_tokens
     return {"x_norm_clstoken": x[:, 0], "x_norm_regtokens": x[:, 1:1 + r],
             "x_norm_patchtokens": x[:, 1 + r:]}
 
 
-def patch_tokens(cfg: DinoV2Config, params, images: jax.Array) -> jax.Array:
+def patch_tokens(cfg: DinoV2Config, params, images: jax.Array, target=None) -> jax.Array:
     """``x_norm_patchtokens`` (B, H/p * W/p, D) of preprocessed images (B, H, W, 3)."""
-    return forward_features(cfg, params, images)["x_norm_patchtokens"]
+    return forward_features(cfg, params, images, target)["x_norm_patchtokens"]
 
 
 # --- official checkpoints ------------------------------------------------------------------------

@@ -69,8 +69,9 @@ class Task:
     def logical_axes(self):
         raise NotImplementedError
 
-    def loss(self, params, batch, key, consts, step):
-        """-> (scalar loss, {name: scalar metric})."""
+    def loss(self, params, batch, key, consts, step, target):
+        """-> (scalar loss, {name: scalar metric}); ``target``: the program's platform, mesh and
+        rules (``dar_jax.parallel.Target``), passed to the model."""
         raise NotImplementedError
 
     def init_extra(self, key, params):
@@ -83,6 +84,11 @@ class Task:
     def consts(self):
         """Frozen inputs of the step (e.g. a tokenizer's params); replicated."""
         return {}
+
+    def abstract_batch(self, global_batch: int) -> dict:
+        """ShapeDtypeStructs of one global batch as ``prepare_batch`` makes it (for compiling
+        the step without data, ``dar_jax.aot``)."""
+        raise NotImplementedError
 
     def make_data(self, *, split: str, process_index: int, process_count: int):
         """Iterator of per-process batches (dicts of NumPy arrays) with get_state/set_state."""
@@ -98,12 +104,12 @@ class Task:
     def tokens_per_example(self) -> int:
         return 1
 
-    def train_step(self, state, batch, consts, *, tx, ema_decay: float):
+    def train_step(self, state, batch, consts, *, tx, ema_decay: float, target):
         """Default step: gradients of ``loss``, optimizer update, optional EMA."""
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(
-            state["params"], batch, key, consts, step)
+            state["params"], batch, key, consts, step, target)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = dict(state, params=params, opt_state=opt_state, step=step + 1)
@@ -112,8 +118,9 @@ class Task:
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
         return new, metrics
 
-    def evaluate(self, state, step: int, writer: MetricsWriter) -> dict:
-        """Optional periodic evaluation (runs on every process; writes from process 0)."""
+    def evaluate(self, state, step: int, writer: MetricsWriter, target) -> dict:
+        """Optional periodic evaluation, on the trainer's ``target`` (every process takes part;
+        the returned metrics are the same on all of them; files are written by process 0)."""
         return {}
 
 
@@ -188,6 +195,7 @@ class Trainer:
         self.ema_decay = float(_get(tr, "ema_decay", 0.0))
         self.mesh = parallel.make_mesh(dict(cfg.mesh), devices)
         self.rules = parallel.normalize_rules(cfg.sharding_rules)
+        self.target = parallel.target_for(self.mesh, self.rules)
         div = parallel.batch_divisor(self.mesh, self.rules)
         if self.global_batch % div:
             raise ConfigError(f"global batch {self.global_batch} is not divisible by the data axes "
@@ -214,6 +222,34 @@ class Trainer:
         if "ema" in abstract_state:
             sh["ema"] = p_sh
         return sh
+
+    def abstract_state(self, seed: int = 0):
+        """(abstract state with shardings, state shardings): the step's first argument."""
+        abstract = jax.eval_shape(self._init_state, jax.random.key(seed))
+        shardings = self._state_shardings(abstract)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abstract, shardings)
+        return state, shardings
+
+    def lower_train_step(self, abstract_batch, consts, state=None) -> jax.stages.Lowered:
+        """The train step (jit with explicit in/out shardings, state donated) lowered for the
+        mesh's devices: what ``run`` compiles, and what ``dar_jax.aot`` compiles for a TPU
+        topology. ``abstract_batch``: ShapeDtypeStructs of a global batch; ``consts``: the
+        task's consts (arrays or ShapeDtypeStructs)."""
+        mesh = self.mesh
+        if state is None:
+            state, state_sh = self.abstract_state()
+        else:
+            state_sh = jax.tree.map(lambda a: a.sharding, state)
+        batch_sh = parallel.batch_shardings(abstract_batch, mesh, self.rules)
+        batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abstract_batch, batch_sh)
+        consts_sh = jax.tree.map(lambda _: parallel.replicated(mesh), consts)
+        step_fn = _with_finite_flag(functools.partial(
+            self.task.train_step, tx=self.tx, ema_decay=self.ema_decay, target=self.target))
+        return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
+                       out_shardings=(state_sh, parallel.replicated(mesh)),
+                       donate_argnums=(0,)).lower(state, batch, consts)
 
     # --- signals -----------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -263,13 +299,10 @@ class Trainer:
     def _run(self, cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg, first_check=True):
         mesh = self.mesh
         task.workdir = self.workdir
-        abstract_state = jax.eval_shape(self._init_state, jax.random.key(seed))
-        state_sh = self._state_shardings(abstract_state)
+        abstract, state_sh = self.abstract_state(seed)
         data = task.make_data(split="train", process_index=jax.process_index(),
                               process_count=jax.process_count())
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, state_sh)
-        restored = ckpts.restore(target, data_template=data.get_state())
+        restored = ckpts.restore(abstract, data_template=data.get_state())
         if restored is not None:
             start, state, saved_data, _ = restored
             if saved_data:
@@ -279,23 +312,16 @@ class Trainer:
             start = 0
             state = jax.jit(self._init_state, out_shardings=state_sh)(jax.random.key(seed))
         writer.resume_at(start)  # rows of steps after the checkpoint are replayed: drop them
-        consts = task.consts()
-        consts_sh = jax.tree.map(lambda _: parallel.replicated(mesh), consts)
-        consts = jax.device_put(consts, consts_sh)
+        consts = parallel.put_global(task.consts(), parallel.replicated(mesh))  # host values
 
         data_state = _snapshot(data.get_state())  # the iterator's state for the state's step
         first = task.prepare_batch(next(data))
-        batch_sh = parallel.batch_shardings(first, mesh, self.rules)
-        step_fn = _with_finite_flag(functools.partial(task.train_step, tx=self.tx, ema_decay=self.ema_decay))
         abstract_batch = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct((self.global_batch,) + np.shape(x)[1:], np.asarray(x).dtype, sharding=s),
-            first, batch_sh)
+            lambda x: jax.ShapeDtypeStruct((self.global_batch,) + np.shape(x)[1:], np.asarray(x).dtype),
+            first)
         self.hooks("compile", start)
         t0 = time.perf_counter()
-        with jax.set_mesh(mesh):  # attention kernels run per shard under the active mesh
-            compiled = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
-                               out_shardings=(state_sh, parallel.replicated(mesh)),
-                               donate_argnums=(0,)).lower(target, abstract_batch, consts).compile()
+        compiled = self.lower_train_step(abstract_batch, consts, abstract).compile()
         log.info("train step compiled in %.1f s", time.perf_counter() - t0)
 
         meta = {"kind": task.kind, "model_config": _dataclass_dict(task.model_cfg),
@@ -314,7 +340,7 @@ class Trainer:
         step = start
         batch = first
         if eval_every and start == 0:  # the baseline every later evaluation is compared with
-            writer.write(0, task.evaluate(state, 0, writer))
+            writer.write(0, task.evaluate(state, 0, writer, self.target))
         while step < self.total_steps:
             if self._should_stop(step):
                 if pending is not None:
@@ -346,7 +372,7 @@ class Trainer:
                 ckpts.save(step, state, data_state, meta)
                 self.hooks("checkpoint", step)
             if eval_every and step % eval_every == 0:
-                writer.write(step, task.evaluate(state, step, writer))
+                writer.write(step, task.evaluate(state, step, writer, self.target))
             self.hooks("step", step)
             if step < self.total_steps:
                 batch = task.prepare_batch(next(data))
@@ -356,11 +382,15 @@ class Trainer:
         if bar is not None:
             bar.close()
         final = state.get("ema", state["params"]) if self.ema_decay > 0 else state["params"]
-        if self.is_main and task.kind:  # replaces only a previous export (check_workdir)
-            store.save_model(os.path.join(self.workdir, "model"), task.kind, task.model_cfg,
-                             jax.device_get(final), extra={"step": step, "ema": self.ema_decay > 0},
-                             storage_dtype=str(_get(self.cfg.checkpoint, "export_dtype", "float32")),
-                             overwrite=True)
+        if task.kind:
+            # every process takes part in the gather (the params may span hosts); one writes
+            host_params = parallel.gather_to_host(final)
+            if self.is_main:
+                store.save_model(os.path.join(self.workdir, "model"), task.kind, task.model_cfg,
+                                 host_params, extra={"step": step, "ema": self.ema_decay > 0},
+                                 storage_dtype=str(_get(self.cfg.checkpoint, "export_dtype", "float32")),
+                                 overwrite=True)  # replaces only a previous export (check_workdir)
+            _barrier("dar_export")
         return {"step": step, "start_step": start, "stopped": False, **last_metrics}
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -401,8 +431,9 @@ class Trainer:
                 values["tflops_per_s_per_device"] = sps * flops_per_step / jax.device_count() / 1e12
                 if peak:
                     values["mfu"] = mfu(sps * flops_per_step, peak, jax.device_count())
-        writer.write(step, values)
-        log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        writer.write(step, values)   # process 0 only (the writer of the other processes is off)
+        if self.is_main:
+            log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
         return values
 
     def _flush(self, pending, writer, last, window_start=None, window_steps=0, flops=0.0, tokens=0, peak=0.0):
@@ -435,6 +466,13 @@ def _dataclass_dict(obj):
     import dataclasses
     from dar_jax.config import to_dict
     return to_dict(obj) if dataclasses.is_dataclass(obj) else None
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (no-op on one): nobody reads an export before it is complete."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _main_thread() -> bool:

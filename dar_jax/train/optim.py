@@ -10,21 +10,37 @@ import optax
 from dar_jax.config import ConfigError
 
 OPTIM_KEYS = ("name", "lr", "weight_decay", "b1", "b2", "eps", "grad_clip", "warmup_steps",
-              "schedule", "min_lr_ratio")
+              "schedule", "min_lr_ratio", "decay_steps")
+SCHEDULES = ("constant", "cosine", "linear_tail")
 
 
 def lr_schedule(optim: Mapping, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``lr`` then constant or cosine decay to ``lr * min_lr_ratio``."""
+    """Linear warmup to ``lr``, then
+
+    ``constant``;  ``cosine`` decay to ``lr * min_lr_ratio`` over the remaining steps;
+    ``linear_tail``: constant, then linear decay to ``lr * min_lr_ratio`` over the last
+    ``decay_steps`` steps of training (the D-AR paper: 4e-4 to 1e-5 over the last 50 of 300
+    epochs).
+    """
     lr = float(optim["lr"])
     warmup = int(optim.get("warmup_steps", 0))
     kind = optim.get("schedule", "constant")
+    end = lr * float(optim.get("min_lr_ratio", 0.0))
     if kind == "constant":
         after = optax.constant_schedule(lr)
     elif kind == "cosine":
         after = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1),
                                             alpha=float(optim.get("min_lr_ratio", 0.0)))
+    elif kind == "linear_tail":
+        decay = int(optim.get("decay_steps", 0))
+        if not 0 < decay <= total_steps - warmup:
+            raise ConfigError(f"schedule 'linear_tail' needs 0 < optim.decay_steps <= train.steps "
+                              f"- warmup_steps ({total_steps - warmup}), got {decay}")
+        hold = total_steps - warmup - decay
+        after = optax.join_schedules([optax.constant_schedule(lr),
+                                      optax.linear_schedule(lr, end, decay)], [hold])
     else:
-        raise ConfigError(f"unknown lr schedule {kind!r}; expected 'constant' or 'cosine'")
+        raise ConfigError(f"unknown lr schedule {kind!r}; expected one of {list(SCHEDULES)}")
     if warmup <= 0:
         return after
     # torch-style warmup as the reference (lr * (step + 1) / warmup), then the main schedule

@@ -22,7 +22,7 @@ def base_config(task: str = "ar") -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict(dict(checkpoint=""))  # AR: tokenize images on the fly
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-4, weight_decay=0.05, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
-        warmup_steps=0, schedule="constant", min_lr_ratio=0.0))
+        warmup_steps=0, schedule="constant", min_lr_ratio=0.0, decay_steps=0))
     c.train = ml_collections.ConfigDict(dict(
         global_batch_size=256, steps=1000, seed=0, ema_decay=0.0, eval_every_steps=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -67,21 +67,41 @@ def epochs_to_steps(epochs: float, num_examples: int, global_batch: int) -> int:
     return max(1, int(round(epochs * num_examples / global_batch)))
 
 
-def ar_imagenet_recipe(size: str) -> ml_collections.ConfigDict:
-    """The reference's class-conditional recipe for GPT-B/L/XL on ImageNet 256 codes.
+IMAGENET_TRAIN = 1_281_167
+PAPER_BATCH = 1024   # D-AR (arXiv 2505.23660): AR and tokenizer global batch
 
-    AdamW lr 1e-4, weight decay 0.05, betas 0.9/0.95, grad clip 1.0, global batch 256, 300 epochs,
-    class/residual/FFN/token dropout 0.1, bfloat16 compute. ``logging.peak_tflops_per_device`` is
-    an H100 SXM in bf16 (989); set it for your accelerator to get an honest MFU.
+
+def fsdp_mesh(c: ml_collections.ConfigDict) -> None:
+    """Parameters, gradients and optimizer state sharded over every device (ZeRO-3 style): the
+    pod-scale configs. Over several slices, set ``mesh.data`` to the number of slices."""
+    c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+
+
+def ar_imagenet_recipe(size: str, remat: str = "none", fsdp: bool = True) -> ml_collections.ConfigDict:
+    """The D-AR paper's class-conditional recipe for a GPT size on ImageNet 256.
+
+    Global batch 1024, 300 epochs, AdamW lr 4e-4 held, then linear decay to 1e-5 over the last
+    50 epochs, weight decay 0.05, betas 0.9/0.95, grad clip 1.0, class/residual/FFN/token
+    dropout 0.1, bfloat16 compute; images tokenized in the step by the frozen tokenizer v1.
+    ``remat``: the block remat policy (``dar_jax.nn.remat``); ``fsdp``: an FSDP mesh
+    (:func:`fsdp_mesh`) instead of data parallelism. ``logging.peak_tflops_per_device`` is an
+    H100 SXM in bf16; set it for your accelerator (``dar_jax.hardware``) for an honest MFU.
     """
+    from dar_jax.hardware import H100_SXM_BF16_TFLOPS
     c = base_config("ar")
     c.model.update(dict(size=size, vocab_size=16384, block_size=256, num_classes=1000, dtype="bfloat16",
-                        resid_dropout_p=0.1, ffn_dropout_p=0.1, token_dropout_p=0.1, class_dropout_prob=0.1))
+                        resid_dropout_p=0.1, ffn_dropout_p=0.1, token_dropout_p=0.1, class_dropout_prob=0.1,
+                        remat=remat))
     c.data.update(dict(kind="tfds", name="imagenet2012", image_size=256, num_classes=1000))
     c.tokenizer.checkpoint = "ckpt/tokenizer_v1"   # converted D-AR tokenizer (or use data.kind="codes")
-    c.optim.update(dict(lr=1e-4, weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=1.0))
-    c.train.global_batch_size = 256
-    c.train.steps = epochs_to_steps(300, 1_281_167, 256)   # 300 ImageNet epochs
+    steps = epochs_to_steps(300, IMAGENET_TRAIN, PAPER_BATCH)
+    c.optim.update(dict(lr=4e-4, weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=1.0,
+                        schedule="linear_tail", min_lr_ratio=1e-5 / 4e-4,
+                        decay_steps=epochs_to_steps(50, IMAGENET_TRAIN, PAPER_BATCH)))
+    c.train.global_batch_size = PAPER_BATCH
+    c.train.steps = steps
+    if fsdp:
+        fsdp_mesh(c)
     c.checkpoint.update(dict(every_steps=5000, keep_period=50000))
-    c.logging.update(dict(every_steps=100, peak_tflops_per_device=989.0))
+    c.logging.update(dict(every_steps=100, peak_tflops_per_device=H100_SXM_BF16_TFLOPS))
     return c

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dar_jax import sampling
 from dar_jax import tokenizer as tok
 from dar_jax.config import ConfigError, as_plain, from_mapping
 from dar_jax.tokenizer import flow, quantizer
@@ -113,21 +114,32 @@ class GanConfig:
 class TokenizerTask(Task):
     kind = "tokenizer"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, abstract_perceptual: bool = False):
+        """``abstract_perceptual``: LPIPS and (with ``model.repa_projector``) DINOv2 ViT-B/14 with
+        abstract weights, whatever ``cfg.perceptual`` names (compiling the step without weight
+        files: ``dar_jax.aot``)."""
         self.cfg = cfg
         self.model_cfg = tokenizer_config_from_run(cfg.model)
         self.loss_cfg = from_mapping(LossConfig, as_plain(cfg.loss), where="loss")
         self.gan_cfg = from_mapping(GanConfig, as_plain(cfg.gan), where="gan")
         p = cfg.perceptual
         self.lpips = self.dino = None
-        if p.lpips_vgg or p.lpips_heads:
+        if abstract_perceptual:
+            from dar_jax.train import dinov2, lpips
+            self.lpips = lpips.abstract_params()
+            if self.model_cfg.repa_projector:
+                dcfg = dinov2.dinov2_config("vitb14")
+                self.dino = (dcfg, dinov2.abstract_params(dcfg))
+        elif p.lpips_vgg or p.lpips_heads:
             if not (p.lpips_vgg and p.lpips_heads):
                 raise ConfigError("LPIPS needs both perceptual.lpips_vgg and perceptual.lpips_heads")
             from dar_jax.train.lpips import load_lpips
             self.lpips = load_lpips(p.lpips_vgg, p.lpips_heads)
         else:
             log.info("LPIPS loss off: perceptual.lpips_vgg / lpips_heads not configured")
-        if p.dinov2:
+        if abstract_perceptual:
+            pass
+        elif p.dinov2:
             from dar_jax.train.dinov2 import load_dinov2
             self.dino = load_dinov2(p.dinov2)
             if not self.model_cfg.repa_projector:
@@ -168,10 +180,10 @@ class TokenizerTask(Task):
         return out
 
     # --- losses ----------------------------------------------------------------------------------
-    def losses(self, params, images, fb, consts, disc_params, step):
+    def losses(self, params, images, fb, consts, disc_params, step, target):
         """All generator terms for one batch; returns (total, (metrics, codes, fake))."""
         cfg, lc = self.model_cfg, self.loss_cfg
-        q = tok.encode_latents(cfg, params, images)
+        q = tok.encode_latents(cfg, params, images, target=target)
         vq, commit = quantizer.vq_losses(q, fb.query_end, lc.commit_beta)
         codebook_terms = vq + commit
         quant = q.quant
@@ -184,10 +196,10 @@ class TokenizerTask(Task):
             ent = entropy_loss(q.z_norm, params["codebook"])
             codebook_terms = codebook_terms + lc.entropy_weight * ent
             metrics["entropy_loss"] = ent
-        cond = tok.quant_to_cond(cfg, params, quant)
+        cond = tok.quant_to_cond(cfg, params, quant, target=target)
         window = flow.gather_window(cond, fb.start, cfg.queries_per_step)
         use_repa = self.dino is not None
-        out = tok.velocity(cfg, params, fb.x_t, fb.t, window, return_repa=use_repa)
+        out = tok.velocity(cfg, params, fb.x_t, fb.t, window, return_repa=use_repa, target=target)
         v, h_repa = out if use_repa else (out, None)
         fm = flow.flow_matching_loss(v, fb.target, cfg.data_std)
         fake = flow.predict_data(fb.x_t, v, fb.t, cfg.data_std)
@@ -202,7 +214,7 @@ class TokenizerTask(Task):
             from dar_jax.train import dinov2
             dcfg = self.dino[0]
             target = jax.lax.stop_gradient(
-                dinov2.patch_tokens(dcfg, consts["dino"], dinov2.repa_preprocess(images)))
+                dinov2.patch_tokens(dcfg, consts["dino"], dinov2.repa_preprocess(images), target))
             r_loss = dinov2.repa_loss(h_repa, target)
             total = total + lc.repa_weight * r_loss
             metrics["repa_loss"] = r_loss
@@ -213,7 +225,7 @@ class TokenizerTask(Task):
             metrics["gen_adv_loss"] = adv
         return total, (metrics, q.codes, fake, q.z_norm)
 
-    def train_step(self, state, batch, consts, *, tx, ema_decay):
+    def train_step(self, state, batch, consts, *, tx, ema_decay, target):
         cfg = self.model_cfg
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
@@ -223,7 +235,7 @@ class TokenizerTask(Task):
         extra = dict(state["extra"])
         disc = extra.get("disc")
         (loss, (metrics, codes, fake, z_norm)), grads = jax.value_and_grad(self.losses, has_aux=True)(
-            state["params"], images, fb, consts, disc, step)
+            state["params"], images, fb, consts, disc, step, target)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         every = self.loss_cfg.dead_code_restart_every
@@ -267,6 +279,10 @@ class TokenizerTask(Task):
     def prepare_batch(self, batch):
         return {"image": np.asarray(batch["image"], np.float32)}
 
+    def abstract_batch(self, global_batch):
+        size = int(self.cfg.data.image_size)
+        return {"image": jax.ShapeDtypeStruct((global_batch, size, size, 3), np.float32)}
+
     def flops_per_example(self):
         return tokenizer_train_flops_per_example(self.model_cfg, int(self.cfg.data.image_size))
 
@@ -287,36 +303,54 @@ class TokenizerTask(Task):
             self._eval_batch = np.asarray(batch["image"], np.float32)[np.asarray(batch["mask"], bool)]
         return self._eval_batch
 
-    def evaluate(self, state, step, writer):
+    def evaluate(self, state, step, writer, target):
+        """Reconstructs the held-out images with the (EMA) params where they are (sharded on
+        the trainer's mesh, possibly over several hosts): every process takes part and gets the
+        same metrics; process 0 writes the grids."""
+        from dar_jax import parallel
         cfg = self.model_cfg
-        params = jax.device_get(state["ema"] if "ema" in state else state["params"])
+        params = state["ema"] if "ema" in state else state["params"]
         images = self.eval_images()
         ev = self.cfg.eval
         steps = int(ev.steps) or None
-        codes = tok.encode(cfg, params, images)
         key = jax.random.key(int(self.cfg.train.seed))
-        recon = tok.decode(cfg, params, codes, key, solver=ev.solver, num_steps=steps,
-                           size=images.shape[1:3])
+        div = parallel.batch_divisor(target.mesh, target.rules) if target.sharded else 1
+
+        def pad(x):  # to a multiple of the batch shards (repeating the first row)
+            return np.concatenate([x, np.repeat(x[:1], -len(x) % div, 0)])
+
+        def decode(codes, **kw):
+            """Decode of host codes (B, N) from the noise of ``key`` (as tok.decode draws it)."""
+            h, w = sampling.resolution(cfg, images.shape[1:3])
+            noise = np.asarray(jax.random.normal(key, (len(codes), h, w, 3), jnp.float32))
+            out = tok.decode(cfg, params, parallel.put_batch(pad(codes), target),
+                             parallel.put_batch(pad(noise), target), solver=ev.solver,
+                             num_steps=steps, target=target, **kw)
+            return parallel.gather_to_host(out)[:len(codes)]
+
+        codes = tok.encode(cfg, params, parallel.put_batch(pad(images), target), target=target)
+        codes = parallel.gather_to_host(codes)[:len(images)]
+        recon = decode(codes)
         out = {"eval_psnr": float(jnp.mean(psnr(recon, images))),
                "eval_ssim": float(jnp.mean(ssim(recon, images))),
-               "eval_codebook_usage": float(len(np.unique(np.asarray(codes))) / cfg.vq_codebook_size),
+               "eval_codebook_usage": float(len(np.unique(codes)) / cfg.vq_codebook_size),
                "eval_dead_code_rate": float(quantizer.dead_code_rate(codes))}
         if ev.inception:  # cheap rFID / IS of the reconstructions against the originals
             from dar_jax.evaluate.training import SmallFID
             from dar_jax.pipeline import to_uint8
             if getattr(self, "_fid", None) is None:
                 self._fid = SmallFID(ev.inception, "", ev.protocol)
-            out.update(self._fid(np.asarray(to_uint8(recon)), np.asarray(to_uint8(images)), prefix="eval_recon_"))
-        if jax.process_index() == 0 and self.workdir:
-            previews = [tok.decode(cfg, params, codes[:1], key, solver=ev.solver, num_steps=steps,
-                                   preview_groups=g, size=images.shape[1:3])
+            out.update(self._fid(to_uint8(recon), to_uint8(images), prefix="eval_recon_"))
+        if self.workdir:
+            previews = [decode(codes[:1], preview_groups=g)
                         for g in range(1, cfg.num_query_groups)] + [recon[:1]]
-            grid = image_grid([np.asarray(images), np.asarray(recon)])
-            strip = image_grid([np.concatenate([np.asarray(p) for p in previews], 0)])
-            save_png(os.path.join(self.workdir, "samples", f"recon_{step:07d}.png"), grid)
-            save_png(os.path.join(self.workdir, "samples", f"preview_{step:07d}.png"), strip)
-            writer.write_images(step, "eval/reconstructions", grid)
-            writer.write_images(step, "eval/previews", strip)
+            if jax.process_index() == 0:
+                grid = image_grid([images, recon])
+                strip = image_grid([np.concatenate(previews, 0)])
+                save_png(os.path.join(self.workdir, "samples", f"recon_{step:07d}.png"), grid)
+                save_png(os.path.join(self.workdir, "samples", f"preview_{step:07d}.png"), strip)
+                writer.write_images(step, "eval/reconstructions", grid)
+                writer.write_images(step, "eval/previews", strip)
         return out
 
 
@@ -325,23 +359,34 @@ def quantizer_usage_len() -> int:
     return USAGE_BUFFER
 
 
+def _block_flops(tokens: int, d: int, ctx: float) -> float:
+    """Forward FLOPs of a pre-LN block: q/k/v/out projections, 4x MLP, attention over ctx keys."""
+    return tokens * (2 * 4 * d * d + 2 * 8 * d * d) + 2 * 2 * tokens * ctx * d
+
+
+def encoder_flops(cfg: tok.TokenizerConfig, image_size: int) -> float:
+    """Forward FLOPs of the encoder for one image (patches + queries, prefix-causal)."""
+    n_patch = (image_size // cfg.encoder_patch_size) ** 2
+    tokens = n_patch + cfg.num_all_queries
+    return cfg.num_encoder_layers * _block_flops(tokens, cfg.encoder_dim, tokens)
+
+
+def diffusion_flops(cfg: tok.TokenizerConfig, height: int, width: int | None = None) -> float:
+    """Forward FLOPs of one evaluation of the diffusion decoder for one image."""
+    dd, p = cfg.diff_decoder.dim, cfg.diff_decoder.patch_size
+    n_pix = (height // p) * ((width or height) // p)
+    per_sit = (_block_flops(n_pix, dd, n_pix) + n_pix * (2 * 2 * dd * dd + 2 * 6 * dd * dd)
+               + 2 * 2 * n_pix * cfg.queries_per_step * dd)
+    return cfg.diff_decoder.depth * per_sit + n_pix * 2 * 2 * (3 * p * p) * dd
+
+
 def tokenizer_train_flops_per_example(cfg: tok.TokenizerConfig, image_size: int) -> float:
     """Forward + backward matmul FLOPs of one training example (encoder, decoder layers, one
     velocity evaluation; attention included)."""
-    d_e, d_d, dd = cfg.encoder_dim, cfg.decoder_dim, cfg.diff_decoder.dim
-    n_patch = (image_size // cfg.encoder_patch_size) ** 2
     n_q = cfg.num_all_queries
-    enc_tokens = n_patch + n_q
-
-    def block(tokens, d, ctx):
-        return tokens * (2 * 4 * d * d + 2 * 8 * d * d) + 2 * 2 * tokens * ctx * d
-
-    fl = cfg.num_encoder_layers * block(enc_tokens, d_e, enc_tokens)
-    fl += cfg.num_decoder_layers * block(n_q, d_d, n_q / 2)
-    p = cfg.diff_decoder.patch_size
-    n_pix = (image_size // p) ** 2
-    per_sit = block(n_pix, dd, n_pix) + n_pix * (2 * 2 * dd * dd + 2 * 6 * dd * dd) + 2 * 2 * n_pix * cfg.queries_per_step * dd
-    fl += cfg.diff_decoder.depth * per_sit + n_pix * 2 * 2 * (3 * p * p) * dd
+    fl = encoder_flops(cfg, image_size)
+    fl += cfg.num_decoder_layers * _block_flops(n_q, cfg.decoder_dim, n_q / 2)
+    fl += diffusion_flops(cfg, image_size)
     return 3.0 * fl
 
 
