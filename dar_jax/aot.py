@@ -107,6 +107,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _SITE = re.compile(r"attention\[([^\]]+)\]")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_LAYOUT_OPS = ("bitcast", "copy", "copy-done", "copy-start", "get-tuple-element", "transpose")
 
 
 def _arrays(text: str) -> list[float]:
@@ -476,11 +477,15 @@ def attention_kernels(hlo: str) -> dict[str, str]:
     (``tpu_custom_call``) run inside it, or "xla" where none does.
 
     The optimized HLO keeps the scopes in each instruction's ``op_name``; a Mosaic call carries
-    none itself, so its site is that of its operands (the padding and transposes around it)."""
+    none itself, so its site is that of its nearest scoped operands (the padding and transposes
+    around it), looking back through bitcasts and copies."""
     scope: dict[str, str] = {}
+    producers: dict[str, list[str]] = {}   # layout-only ops -> their operands
     calls = []
     sites: dict[str, set] = {}
     for name, shape, op, rest, line in _instructions(hlo):
+        if op in _LAYOUT_OPS:
+            producers[name] = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
         m = _OP_NAME.search(line)
         found = _SITE.findall(m.group(1)) if m else []
         if found:
@@ -491,9 +496,14 @@ def attention_kernels(hlo: str) -> dict[str, str]:
             operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
             calls.append((name, found[0] if found else None, operands))
     for name, site, operands in calls:
-        if site is None:
-            votes = [scope[o] for o in operands if o in scope]
-            site = max(set(votes), key=votes.count) if votes else None
+        frontier, depth = operands, 0
+        while site is None and frontier and depth < 4:
+            # the nearest scoped operands vote, looking through bitcasts and copies
+            votes = [scope[o] for o in frontier if o in scope]
+            if votes:
+                site = max(set(votes), key=votes.count)
+            frontier = [p for o in frontier if o not in scope for p in producers.get(o, ())]
+            depth += 1
         if site is not None:
             sites.setdefault(site, set()).add(re.sub(r"\.\d+$", "", name))
     return {s: ("+".join(sorted(k)) if k else "xla") for s, k in sorted(sites.items())}

@@ -45,6 +45,10 @@ ENTRY %main {
   %constant.9 = s32[4]{0} constant({0,0,0,0}), metadata={op_name="jit(step)/attention[encoder.prefix_causal]/x"}
   %splash_mha_fwd_residuals.2 = (f32[4,128,64]{2,1,0}) custom-call(%constant.9, %pad.7), custom_call_target="tpu_custom_call", backend_config={}
   %fusion.4 = f32[8]{0} fusion(%a), kind=kLoop, metadata={op_name="jit(step)/attention[decoder.cross]/dot_general"}
+  %copy.5 = bf16[4,128,2,64]{3,1,2,0} copy(%q2), metadata={op_name="jit(step)/while/body/attention[decoder.self]/shard_map/mul"}
+  %bitcast.6 = bf16[4,2,128,64]{3,2,1,0} bitcast(%copy.5)
+  %copy-done.8 = s8[1,2,2]{2,1,0} copy-done(%copy-start.8)
+  %splash_mha_fwd_no_residuals.3 = (f32[4,128,64]{2,1,0}) custom-call(%copy-done.8, %bitcast.6), custom_call_target="tpu_custom_call", backend_config={}
 }
 """
 
@@ -56,9 +60,10 @@ def test_collective_bytes_and_attention_sites_from_hlo():
     assert coll["reduce-scatter"] == pytest.approx(80 * 1280 * 4 * 15)
     assert coll["all-reduce"] == pytest.approx(2 * 4 * 15 / 16)
     sites = aot.attention_kernels(HLO)
-    # the kernel's site comes from its (non-constant) operands; a site without one is on XLA
+    # the kernel's site comes from its nearest scoped (non-constant) operands, looking back
+    # through bitcasts and copies; a site without one is on XLA
     assert sites == {"gpt.causal": "splash_mha_fwd_residuals", "encoder.prefix_causal": "xla",
-                     "decoder.cross": "xla"}
+                     "decoder.cross": "xla", "decoder.self": "splash_mha_fwd_no_residuals"}
     msg = "the total memory required for HLO temporaries (785.88G) exceeds available HBM (95.74G)."
     assert aot._gib_from(aot._HBM_AVAILABLE, msg) == pytest.approx(95.74)
     assert aot._gib_from(aot._HBM_REQUIRED, msg) == pytest.approx(785.88)
