@@ -104,7 +104,11 @@ def test_corrupt_or_foreign_shards_are_regenerated(tmp_path):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     labels = P.sample_labels(8, 4, "balanced")
-    P.prepare_shards(tmp_path, labels, 4, {"cfg_scale": "1.2,8.0"})
+    # a plan without a sample on disk holds nothing to mix up: another run may replace it
+    P.prepare_shards(tmp_path, labels, 4, {"cfg_scale": "4.0"})
+    plan = P.prepare_shards(tmp_path, labels, 4, {"cfg_scale": "1.2,8.0"})
+    with pytest.raises(KeyboardInterrupt):
+        P.generate_samples(plan, FakeGenerator(crash_at=1))      # one shard written
     with pytest.raises(P.ShardError, match="settings.cfg_scale"):
         P.prepare_shards(tmp_path, labels, 4, {"cfg_scale": "4.0"})
     with pytest.raises(P.ShardError, match="shard_size"):
@@ -113,6 +117,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         P.prepare_shards(tmp_path, labels[::-1].copy(), 4, {"cfg_scale": "1.2,8.0"})
     manifest = json.loads((tmp_path / P.MANIFEST).read_text())
     assert manifest["settings"] == {"cfg_scale": "1.2,8.0"} and manifest["num_samples"] == 8
+    assert P.finished_shards(P.prepare_shards(tmp_path, labels, 4, {"cfg_scale": "1.2,8.0"})) == [0]
 
 
 def test_bad_generator_output(tmp_path):
