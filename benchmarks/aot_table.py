@@ -33,6 +33,9 @@ ROWS = {
     "xl_v5p32_none": ["--config", "configs/ar_gpt_xl.py", "--topology", "v5p-32",
                       "--config.model.remat=none"],
     "l_v5p32": ["--config", "configs/ar_gpt_l.py", "--topology", "v5p-32"],
+    # pre-extracted codes (data.kind=codes): the step without the frozen tokenizer's encode
+    "xl_v5p32_codes": ["--config", "configs/ar_gpt_xl.py", "--topology", "v5p-32",
+                       "--config.data.kind=codes"],
 }
 
 
@@ -73,6 +76,7 @@ def table(out: str, names) -> str:
             continue
         r = json.load(open(path))
         prog = " ".join(ROWS[name][1:2] if r["program"] == "train" else ["sample", "GPT-XL + v1"])
+        prog += "".join(f" {a[len('--config.'):]}" for a in ROWS[name] if a.startswith("--config."))
         remat = r.get("remat", "-")
         kernels = r.get("attention_kernels") or {}
         kern = ", ".join(f"{s}: {k.split('_')[0] if k.startswith('splash') else k}"

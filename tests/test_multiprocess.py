@@ -121,7 +121,10 @@ def test_sample_py_on_two_processes_matches_one(two_process_runs, tmp_path):
     assert a["arr_0"].shape == (6, 32, 32, 3)
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
-    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    # the same tokens and noise; the decoder ran 8 rows on one device vs one row on each of 8,
+    # so float32 rounding may move a pixel across a uint8 step
+    diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 
 def test_evaluate_on_two_processes(two_process_runs, inception_dir, tmp_path):
@@ -158,8 +161,8 @@ def test_restore_onto_another_process_count(two_process_runs):
         {"workdir": str(root / "dft"), "devices": 2, "mesh": {"data": 1, "fsdp": 2, "tensor": 1}},
     ]})
     restored_fsdp, resumed_fsdp, restored_dft, resumed_dft = out
-    assert restored_fsdp == {"step": 3, "digest": fsdp["digest"]}
-    assert restored_dft == {"step": 3, "digest": dft["digest"]}
+    assert restored_fsdp == {"step": 3, "digest": fsdp["digest"], "finite": True}
+    assert restored_dft == {"step": 3, "digest": dft["digest"], "finite": True}
     for res in (resumed_fsdp, resumed_dft):
         assert res["result"]["start_step"] == 3 and res["result"]["step"] == 4
         assert np.isfinite(res["losses"]).all()

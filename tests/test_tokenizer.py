@@ -299,8 +299,9 @@ def test_params_axes_and_repa_projector(small_model):
     # the pooled features are the projector applied to the average of each s x s cell
     model = T.bind(cfg, params)
     tok, gridhw = model.diff.patchify(x)
+    from dar_jax.parallel import default_target
     tok = model.diff.blocks[0](tok, model.diff.time_embedding(t), model.diff.prepare_cond(cond)[0],
-                               model.diff.rope(*gridhw))
+                               model.diff.rope(*gridhw), default_target())
     h = np.asarray(tok).reshape(2, 32, 32, -1).reshape(2, 16, 2, 16, 2, -1).mean(axis=(2, 4))
     for i, lin in enumerate(params["diff"]["repa_out"].values()):
         h = h @ np.asarray(lin["kernel"]) + np.asarray(lin["bias"])

@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dar_jax.kernels.decode_vjp import with_xla_backward
 from dar_jax.kernels.flash_gpu import LOG2E, MIN_BLOCK, NEG, _dot, _matmul_precision
 
 MAX_ROWS = 64  # larger Lq * G tiles go to the flash kernel (it handles mask="decode" too)
@@ -168,23 +169,7 @@ def _decode_forward(q, k, v, kv_len, scale: float, blocks: DecodeBlocks, interpr
     return o.astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _decode(q, k, v, kv_len, scale, blocks, interpret):
-    return _decode_forward(q, k, v, kv_len, scale, blocks, interpret)
-
-
-def _decode_fwd(q, k, v, kv_len, scale, blocks, interpret):
-    return _decode_forward(q, k, v, kv_len, scale, blocks, interpret), (q, k, v, kv_len)
-
-
-def _decode_bwd(scale, blocks, interpret, res, do):
-    from dar_jax.nn.attention import xla_attention
-    q, k, v, kv_len = res
-    f = lambda q_, k_, v_: xla_attention(q_, k_, v_, mask="decode", kv_len=kv_len, scale=scale)
-    return (*jax.vjp(f, q, k, v)[1](do), None)
-
-
-_decode.defvjp(_decode_fwd, _decode_bwd)
+_decode = with_xla_backward(_decode_forward)
 
 
 def decode_attention(q, k, v, kv_len, *, scale: float | None = None,

@@ -28,6 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dar_jax.kernels.decode_vjp import with_xla_backward
+
 NEG = -1e30  # finite: an all-masked block keeps exp(m - m_new) defined
 
 
@@ -140,24 +142,7 @@ def _decode_forward(q, k, v, kv_len, scale: float, blocks: TPUDecodeBlocks, inte
     return o[:, None].astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _decode(q, k, v, kv_len, scale, blocks, interpret):
-    return _decode_forward(q, k, v, kv_len, scale, blocks, interpret)
-
-
-def _decode_fwd(q, k, v, kv_len, scale, blocks, interpret):
-    return _decode_forward(q, k, v, kv_len, scale, blocks, interpret), (q, k, v, kv_len)
-
-
-def _decode_bwd(scale, blocks, interpret, res, do):
-    from dar_jax.nn.attention import xla_attention
-    q, k, v, kv_len = res
-    f = lambda q_, k_, v_: xla_attention(q_, k_, v_, mask="decode", kv_len=kv_len, scale=scale,
-                                         platform="tpu")
-    return (*jax.vjp(f, q, k, v)[1](do), None)
-
-
-_decode.defvjp(_decode_fwd, _decode_bwd)
+_decode = with_xla_backward(_decode_forward, platform="tpu")
 
 
 def decode_attention_tpu(q, k, v, kv_len, *, scale: float | None = None,

@@ -81,11 +81,13 @@ class LPIPS(nnx.Module):
 
     def __call__(self, x0, x1, dtype=jnp.float32):
         b = x0.shape[0]
-        both = jnp.concatenate([x0, x1], axis=0).astype(dtype)
+        # one VGG pass over both, interleaved (x0[i], x1[i] adjacent): a batch sharded over
+        # devices stays where it is (halves of a concatenation would have to move)
+        both = jnp.stack([x0, x1], axis=1).reshape((2 * b,) + x0.shape[1:]).astype(dtype)
         total = jnp.zeros((b,), jnp.float32)
         for tap, head in zip(self.features(both), self.heads):
-            f = _unit_channels(tap.astype(jnp.float32))
-            diff = (f[:b] - f[b:]) ** 2
+            f = _unit_channels(tap.astype(jnp.float32)).reshape((b, 2) + tap.shape[1:])
+            diff = (f[:, 0] - f[:, 1]) ** 2
             total = total + jnp.mean(diff @ head[...], axis=(1, 2))
         return total
 

@@ -207,7 +207,9 @@ class TokenizerTask(Task):
         metrics["fm_loss"] = fm
         if self.lpips is not None:
             from dar_jax.train.lpips import lpips
-            p_loss = jnp.mean(lpips(consts["lpips"], images, fake))
+            # the VGG convolutions in the model's compute dtype (bf16 for the v1 recipe, as under
+            # the reference's autocast); normalisation and heads stay float32
+            p_loss = jnp.mean(lpips(consts["lpips"], images, fake, dtype=jnp.dtype(cfg.dtype)))
             total = total + abs(lc.perceptual_weight) * p_loss
             metrics["perceptual_loss"] = p_loss
         if use_repa:

@@ -1,0 +1,32 @@
+"""The decode kernels' gradient: a kernel forward, the backward of the XLA reference.
+
+Decoding never needs a gradient, but ``jax.grad`` through a program that decodes must still be
+defined; it goes through ``nn.attention.xla_attention`` with the same mask and scale.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+
+def with_xla_backward(forward, platform: str | None = None):
+    """``forward(q, k, v, kv_len, scale, blocks, interpret)`` -> the same function with a
+    custom VJP whose backward is XLA decode attention's (``platform``: its code path)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+    def decode(q, k, v, kv_len, scale, blocks, interpret):
+        return forward(q, k, v, kv_len, scale, blocks, interpret)
+
+    def decode_fwd(q, k, v, kv_len, scale, blocks, interpret):
+        return forward(q, k, v, kv_len, scale, blocks, interpret), (q, k, v, kv_len)
+
+    def decode_bwd(scale, blocks, interpret, res, do):
+        from dar_jax.nn.attention import xla_attention
+        q, k, v, kv_len = res
+        f = lambda q_, k_, v_: xla_attention(q_, k_, v_, mask="decode", kv_len=kv_len, scale=scale,
+                                             platform=platform)
+        return (*jax.vjp(f, q, k, v)[1](do), None)
+
+    decode.defvjp(decode_fwd, decode_bwd)
+    return decode
