@@ -436,3 +436,14 @@ def test_sharded_attention_on_8_cpu_devices():
     res = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
                          env=env, timeout=300)
     assert res.returncode == 0 and "SHARDED OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_cudnn_for_a_gpu_program_names_why_it_cannot_serve():
+    """The registry's cuDNN check for a program built for GPU (from any host) gives a reason."""
+    from dar_jax.nn.attention import AttentionError, choose_implementation
+    q = jnp.zeros((1, 8, 2, 64), jnp.float32)
+    with pytest.raises(AttentionError, match="cudnn flash attention takes bfloat16"):
+        choose_implementation(q, q, q, mask="causal", implementation="cudnn", platform="gpu")
+    with pytest.raises(AttentionError, match="prefix-visible"):
+        choose_implementation(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q.astype(jnp.bfloat16),
+                              mask="prefix_causal", prefix_len=2, implementation="cudnn", platform="gpu")

@@ -18,9 +18,9 @@ the platform of the program's target (``dar_jax.parallel.Target``), not on the h
 """
 from __future__ import annotations
 
-from dar_jax.kernels import cudnn as _cudnn
 from dar_jax.kernels import decode_gpu, decode_tpu, flash_gpu, splash_tpu
 from dar_jax.kernels.cudnn import cudnn_attention
+from dar_jax.kernels.cudnn import unsupported_reason as _cudnn_unsupported_reason
 from dar_jax.kernels.decode_gpu import DecodeBlocks, decode_attention
 from dar_jax.kernels.decode_tpu import TPUDecodeBlocks, decode_attention_tpu
 from dar_jax.kernels.flash_gpu import FlashBlocks, default_blocks, flash_attention
@@ -62,7 +62,7 @@ def pallas_attention(q, k, v, *, mask="none", prefix_len=0, kv_len=None, scale=N
 def _cudnn_supports(q, k, v, *, mask="none", prefix_len=0, kv_len=None, scale=None, platform: str):
     if platform != "gpu":
         return f"cudnn needs a GPU platform (this program is for {platform})"
-    return _cudnn.unsupported_reason(q, k, v, mask, prefix_len, kv_len)
+    return _cudnn_unsupported_reason(q, k, v, mask, prefix_len, kv_len)
 
 
 def _cudnn(q, k, v, *, platform: str, **kwargs):
