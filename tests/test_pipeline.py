@@ -70,9 +70,12 @@ def run_cli(args, env=None):
                           text=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
-def test_cli_end_to_end_reproducible(model_dirs, tmp_path):
+def test_cli_end_to_end_reproducible(model_dirs, ref_gpt, tmp_path):
     gpt, tok = model_dirs
-    common = ["--gpt", str(gpt), "--tokenizer", str(tok), "--classes", "0,3,7", "--num-images", "5",
+    n = ref_gpt[0].num_classes      # three distinct classes of the fixture's model, any size
+    classes = [0, n // 2, n - 1]
+    common = ["--gpt", str(gpt), "--tokenizer", str(tok), "--classes", ",".join(map(str, classes)),
+              "--num-images", "5",
               "--batch-size", "4", "--seed", "11", "--npz", "--quiet"]
     a = run_cli(common + ["--out", str(tmp_path / "a")])
     assert a.returncode == 0, a.stderr
@@ -93,7 +96,7 @@ def test_cli_end_to_end_reproducible(model_dirs, tmp_path):
     assert strip.shape == (size[0], size[1] * groups, 3)
     npz = np.load(tmp_path / "a" / "samples.npz")
     assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (5, *size, 3)
-    np.testing.assert_array_equal(npz["arr_1"], [0, 3, 7, 0, 3])
+    np.testing.assert_array_equal(npz["arr_1"], classes + classes[:2])
     np.testing.assert_array_equal(npz["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"])
 
 
