@@ -42,14 +42,17 @@ def load_models(args, size: int | None = None, classes: str | None = None):
     from dar_jax.cli import gpt_size_flags
 
     check_model_paths(args)
+    # a model folder's config.json answers before any weights are read; a .pt has none, so its
+    # size is checked once it is loaded
     tok_cfg = _load(lambda: pipeline.model_config(args.tokenizer, "tokenizer"), args.tokenizer)
-    if tok_cfg is not None and size:
+    size_checked = tok_cfg is not None
+    if size_checked and size:
         sampling.check_size(tok_cfg, size)
     gpt_cfg = _load(lambda: pipeline.model_config(args.gpt, "gpt"), args.gpt)
     if gpt_cfg is not None and classes is not None:
         parse_classes(classes, gpt_cfg.num_classes)
     tok_cfg, tok_params = _load(lambda: pipeline.load_tokenizer(args.tokenizer), args.tokenizer)
-    if size:
+    if size and not size_checked:
         sampling.check_size(tok_cfg, size)
     gpt_cfg, gpt_params = _load(lambda: pipeline.load_gpt(
         args.gpt, default_block_size=tok_cfg.num_all_queries, **gpt_size_flags(args)), args.gpt)
