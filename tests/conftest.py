@@ -1,15 +1,33 @@
-"""Shared test set-up: fixture locations, float32 'highest' matmuls, models loaded once."""
+"""Shared test set-up: fixture locations, float32 'highest' matmuls, models loaded once, and one
+XLA compilation cache for the session (this process and the CLIs the tests start)."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Many tests start train.py / sample.py / evaluate in subprocesses that compile the same programs;
+# a persistent compilation cache shared by the session compiles each once (same executables, so
+# results are unchanged). The directory is made here and removed at exit; an existing
+# JAX_COMPILATION_CACHE_DIR is used as it is, and DAR_TEST_XLA_CACHE=0 turns the cache off.
+if os.environ.get("DAR_TEST_XLA_CACHE", "1") != "0":
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        _cache = tempfile.mkdtemp(prefix="dar-jax-test-xla-cache-")
+        atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 pytest_plugins = ["conftest_tokenizer"]  # tokenizer fixtures (parametrised over fixture sets)
 
