@@ -98,7 +98,7 @@ def bench(args):
         flops = 4 * 64 * args.batch * args.heads * _visible_pairs(kind, lq, lk, prefix)
         base = {"f": None, "fb": None}
         for impl in impls:
-            _, supports = A._IMPLEMENTATIONS[impl]
+            _, supports = A.IMPLEMENTATIONS[impl]
             if supports(q, k, v, mask=kind, prefix_len=prefix, kv_len=None, scale=None):
                 continue
             f = jax.jit(lambda q, k, v: A.attention(q, k, v, mask=kind, prefix_len=prefix,
@@ -131,7 +131,7 @@ def bench(args):
     kv_len = jnp.full((rows,), cache, jnp.int32)
     nbytes = 2 * rows * cache * heads * 64 * dtype.itemsize + 2 * q.size * dtype.itemsize
     for impl in impls:
-        _, supports = A._IMPLEMENTATIONS[impl]
+        _, supports = A.IMPLEMENTATIONS[impl]
         if supports(q, k, v, mask="decode", prefix_len=0, kv_len=kv_len, scale=None):
             continue
         f = jax.jit(lambda q, k, v, n: A.attention(q, k, v, mask="decode", kv_len=n,

@@ -186,13 +186,13 @@ def test_entry_point_pallas_on_cpu(mask, qs, ks, extra):
 
 def test_auto_is_xla_on_cpu_and_lists_kernels():
     assert {"xla", "pallas", "cudnn", "auto"} <= set(A.available_implementations())
-    assert "pallas" not in A._AUTO_ORDER.get("cpu", ())
-    assert A._AUTO_ORDER["gpu"][0] == "pallas" and A._AUTO_ORDER["tpu"][0] == "pallas"
+    assert "pallas" not in A.AUTO_ORDER.get("cpu", ())
+    assert A.AUTO_ORDER["gpu"][0] == "pallas" and A.AUTO_ORDER["tpu"][0] == "pallas"
 
 
 def test_unsupported_falls_back_under_auto_and_raises_when_explicit(monkeypatch, caplog):
     # pretend this backend auto-selects pallas (it is the GPU/TPU behaviour)
-    monkeypatch.setitem(A._AUTO_ORDER, jax.default_backend(), ("pallas",))
+    monkeypatch.setitem(A.AUTO_ORDER, jax.default_backend(), ("pallas",))
     monkeypatch.setattr(A, "_warned", set())
     q = jax.random.normal(jax.random.key(0), (1, 20, 2, 48))  # head dim 48 cannot be tiled
     with caplog.at_level(logging.INFO, logger=A.__name__):
@@ -392,7 +392,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from jax.sharding import AxisType
-    from dar_jax.kernels import sharded_attention
+    from dar_jax.nn.attention import sharded_attention
     from dar_jax.nn.attention import AttentionError, xla_attention
     from dar_jax.parallel import target_for
     assert jax.device_count() == 8

@@ -1,7 +1,13 @@
-"""Pallas attention kernels registered behind ``dar_jax.nn.attention``.
+"""The attention implementations behind ``dar_jax.nn.attention``: a leaf (it imports nothing
+from ``nn``) exporting their table.
 
-Importing this package registers two implementations of the entry point, each dispatching on
-the platform of the program's target (``dar_jax.parallel.Target``), not on the host's backend:
+``IMPLEMENTATIONS`` maps a name to ``(function, unsupported_reason)``, both called as
+``(q, k, v, *, mask, prefix_len, kv_len, scale, platform)``; ``unsupported_reason`` returns None
+or why the implementation cannot serve the call. Each dispatches on the platform of the
+program's target (``dar_jax.parallel.Target``), not on the host's backend:
+
+``"xla"``
+    plain JAX (``kernels.xla``), every platform and mask: the reference.
 
 ``"pallas"``
     TPU: jax's splash attention with masks built for the kinds, and this project's decode
@@ -14,9 +20,12 @@ the platform of the program's target (``dar_jax.parallel.Target``), not on the h
     GPU only, through ``jax.nn.dot_product_attention(implementation="cudnn")`` for the masks
     cuDNN has; explicit only.
 
-``"auto"`` thus means pallas on GPU and TPU, xla on CPU.
+``AUTO_ORDER`` lists, per platform, what ``"auto"`` tries before ``"xla"``: pallas on GPU and
+TPU, nothing on CPU.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 from dar_jax.kernels import decode_gpu, decode_tpu, flash_gpu, splash_tpu
 from dar_jax.kernels.cudnn import cudnn_attention
@@ -24,13 +33,13 @@ from dar_jax.kernels.cudnn import unsupported_reason as _cudnn_unsupported_reaso
 from dar_jax.kernels.decode_gpu import DecodeBlocks, decode_attention
 from dar_jax.kernels.decode_tpu import TPUDecodeBlocks, decode_attention_tpu
 from dar_jax.kernels.flash_gpu import FlashBlocks, default_blocks, flash_attention
-from dar_jax.kernels.sharding import sharded_attention
 from dar_jax.kernels.splash_tpu import splash_attention
-from dar_jax.nn.attention import register_implementation
+from dar_jax.kernels.xla import xla_attention
 
 __all__ = ["FlashBlocks", "DecodeBlocks", "TPUDecodeBlocks", "default_blocks", "flash_attention",
            "decode_attention", "decode_attention_tpu", "splash_attention", "cudnn_attention",
-           "pallas_attention", "pallas_unsupported_reason", "sharded_attention"]
+           "pallas_attention", "pallas_unsupported_reason", "xla_attention", "IMPLEMENTATIONS",
+           "AUTO_ORDER"]
 
 
 def pallas_unsupported_reason(q, k, v, *, mask="none", prefix_len=0, kv_len=None, scale=None,
@@ -69,6 +78,13 @@ def _cudnn(q, k, v, *, platform: str, **kwargs):
     return cudnn_attention(q, k, v, **kwargs)
 
 
-register_implementation("pallas", pallas_attention, pallas_unsupported_reason,
-                        auto_platforms=("gpu", "tpu"))
-register_implementation("cudnn", _cudnn, _cudnn_supports)
+def _always(q, k, v, **kwargs) -> None:
+    return None
+
+
+IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
+    "xla": (xla_attention, _always),
+    "pallas": (pallas_attention, pallas_unsupported_reason),
+    "cudnn": (_cudnn, _cudnn_supports),
+}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"gpu": ("pallas",), "tpu": ("pallas",)}

@@ -1,13 +1,15 @@
 """The decode kernels' gradient: a kernel forward, the backward of the XLA reference.
 
 Decoding never needs a gradient, but ``jax.grad`` through a program that decodes must still be
-defined; it goes through ``nn.attention.xla_attention`` with the same mask and scale.
+defined; it goes through ``kernels.xla.xla_attention`` with the same mask and scale.
 """
 from __future__ import annotations
 
 import functools
 
 import jax
+
+from dar_jax.kernels.xla import xla_attention
 
 
 def with_xla_backward(forward, platform: str | None = None):
@@ -22,7 +24,6 @@ def with_xla_backward(forward, platform: str | None = None):
         return forward(q, k, v, kv_len, scale, blocks, interpret), (q, k, v, kv_len)
 
     def decode_bwd(scale, blocks, interpret, res, do):
-        from dar_jax.nn.attention import xla_attention
         q, k, v, kv_len = res
         f = lambda q_, k_, v_: xla_attention(q_, k_, v_, mask="decode", kv_len=kv_len, scale=scale,
                                              platform=platform)

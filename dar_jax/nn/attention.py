@@ -12,9 +12,9 @@
                           keys j <= kv_len - Lq + i
 ========================  ==========================================================
 
-Implementations are chosen by name: ``"xla"`` (plain JAX, every platform), kernels registered by
-``dar_jax.kernels`` (``"pallas"``, ``"cudnn"``), or ``"auto"`` (the best for the platform,
-falling back to ``"xla"`` with one logged line where a kernel does not support a call).
+Implementations are chosen by name from the table of ``dar_jax.kernels`` (``"xla"``: plain JAX,
+every platform; ``"pallas"``, ``"cudnn"``), or ``"auto"`` (the best for the platform, falling
+back to ``"xla"`` with one logged line where a kernel does not support a call).
 
 The platform and, for sharded programs, the mesh and logical-axis rules come from the
 ``target`` argument (:class:`dar_jax.parallel.Target`); without one, the program is for the
@@ -24,13 +24,19 @@ mask, e.g. ``gpt.causal``), so compiled programs can be searched for the kernel 
 from __future__ import annotations
 
 import logging
-import math
-from typing import Callable, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from dar_jax.kernels import AUTO_ORDER, IMPLEMENTATIONS
+from dar_jax.kernels.xla import mask_array, xla_attention
 from dar_jax.parallel.target import Target, default_target
+
+__all__ = ["AttentionError", "MASK_KINDS", "attention", "attention_specs",
+           "available_implementations", "choose_implementation", "mask_array", "sharded_attention",
+           "xla_attention"]
 
 MaskKind = Literal["none", "causal", "prefix_causal", "decode"]
 MASK_KINDS = ("none", "causal", "prefix_causal", "decode")
@@ -61,111 +67,11 @@ def _check(q, k, v, mask, prefix_len, kv_len):
         raise AttentionError("mask='decode' needs kv_len (valid cache length per row)")
 
 
-def mask_array(mask: MaskKind, lq: int, lk: int, *, prefix_len: int = 0,
-               kv_len: jax.Array | None = None) -> jax.Array | None:
-    """Boolean visibility (B or 1, 1, Lq, Lk) for a mask kind; None for full attention."""
-    if mask == "none":
-        return None
-    qi = jnp.arange(lq)[:, None]
-    kj = jnp.arange(lk)[None, :]
-    if mask == "causal":
-        m = kj <= qi
-    elif mask == "prefix_causal":
-        m = (kj < prefix_len) | (kj <= qi)
-    else:  # decode
-        kv_len = jnp.asarray(kv_len, jnp.int32).reshape(-1)
-        last = kv_len[:, None, None] - lq + qi[None]
-        return (kj[None] <= last)[:, None]
-    return m[None, None]
-
-
-def _softmax_attention(qh, kh, vh, m, scale):
-    """Attention of one (or a batch of) heads: qh (..., Lq, D), kh/vh (..., Lk, D), m (..., Lq, Lk).
-
-    Float32 logits and exp; the softmax normalisation is applied after the value product (one
-    pass less over the Lq x Lk scores). ``scale`` None: already folded into qh.
-    """
-    logits = jnp.einsum("...qd,...kd->...qk", qh, kh, preferred_element_type=jnp.float32)
-    if scale is not None:
-        logits = logits * scale
-    if m is not None:
-        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    out = jnp.einsum("...qk,...kd->...qd", e.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-    return out / jnp.sum(e, axis=-1, keepdims=True)
-
-
-# On CPU, heads whose score matrix has at least this many entries are computed one (batch, kv head)
-# at a time (a lax.map), so that the scores stay in cache instead of streaming the whole
-# (B, H, Lq, Lk) tensor through memory several times (4-9x faster at the tokenizer's sizes).
-CPU_PER_HEAD_MIN_SCORES = 2 ** 16
-
-
-def xla_attention(q, k, v, *, mask: MaskKind = "none", prefix_len: int = 0,
-                  kv_len: jax.Array | None = None, scale: float | None = None,
-                  platform: str | None = None) -> jax.Array:
-    """Plain-JAX attention: float32 logits and softmax, output in q.dtype. Shapes as attention().
-
-    ``platform`` (default: the first device's) selects the CPU path for large score matrices."""
-    b, lq, h, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    g = h // hkv
-    scale = d ** -0.5 if scale is None else scale
-    if math.frexp(scale)[0] == 0.5:          # a power of two: folding it into q is exact
-        q, scale = q * jnp.asarray(scale, q.dtype), None
-    # (B, Hkv, G * Lq, D): the G query heads sharing a kv head form one matrix product
-    qh = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    m = mask_array(mask, lq, lk, prefix_len=prefix_len, kv_len=kv_len)
-    if m is not None:
-        m = jnp.broadcast_to(m[:, :, None], (m.shape[0], 1, g, lq, lk)).reshape(m.shape[0], 1, g * lq, lk)
-    platform = platform or default_target().platform
-    if platform == "cpu" and g * lq * lk >= CPU_PER_HEAD_MIN_SCORES:
-        n = b * hkv
-
-        def one_head(args):
-            i, qi, ki, vi = args
-            mi = None if m is None else m[i // hkv if m.shape[0] > 1 else 0, 0]
-            return _softmax_attention(qi, ki, vi, mi, scale)
-
-        out = jax.lax.map(one_head, (jnp.arange(n), qh.reshape(n, g * lq, d), kh.reshape(n, lk, d),
-                                     vh.reshape(n, lk, d)))
-        out = out.reshape(b, hkv, g * lq, d)
-    else:
-        out = _softmax_attention(qh, kh, vh, m, scale)
-    return out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d).astype(q.dtype)
-
-
-# name -> (function, supports); both take (q, k, v, *, mask, prefix_len, kv_len, scale, platform)
-# and supports returns None or the reason why it cannot serve the call
-_IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
-    "xla": (xla_attention, lambda *a, **kw: None),
-}
-# platform -> implementation names to try in order under "auto"
-_AUTO_ORDER: dict[str, tuple[str, ...]] = {}
 _warned: set[tuple] = set()
 
 
-def register_implementation(name: str, fn: Callable, supports: Callable,
-                            auto_platforms: tuple[str, ...] = ()) -> None:
-    """Adds a kernel behind the entry point (used by ``dar_jax.kernels``)."""
-    _IMPLEMENTATIONS[name] = (fn, supports)
-    for platform in auto_platforms:
-        order = _AUTO_ORDER.get(platform, ())
-        if name not in order:
-            _AUTO_ORDER[platform] = (name,) + order
-
-
 def available_implementations() -> tuple[str, ...]:
-    _load_kernels()
-    return ("auto",) + tuple(_IMPLEMENTATIONS)
-
-
-def _load_kernels():
-    try:  # kernels register themselves on import; optional on platforms without them
-        import dar_jax.kernels  # noqa: F401
-    except ImportError as e:  # pragma: no cover
-        log.debug("attention kernels unavailable: %s", e)
+    return ("auto",) + tuple(IMPLEMENTATIONS)
 
 
 def choose_implementation(q, k, v, *, mask: MaskKind = "none", prefix_len: int = 0,
@@ -173,12 +79,11 @@ def choose_implementation(q, k, v, *, mask: MaskKind = "none", prefix_len: int =
                           implementation: str | None = "auto", platform: str) -> str:
     """The implementation that serves a call on ``platform`` (``auto``: the first kernel of the
     platform that supports it, else ``xla``; a named kernel that cannot serve it raises)."""
-    _load_kernels()
     name = implementation or "auto"
     kwargs = dict(mask=mask, prefix_len=prefix_len, kv_len=kv_len, scale=scale, platform=platform)
     if name == "auto":
-        for cand in _AUTO_ORDER.get(platform, ()):
-            reason = _IMPLEMENTATIONS[cand][1](q, k, v, **kwargs)
+        for cand in AUTO_ORDER.get(platform, ()):
+            reason = IMPLEMENTATIONS[cand][1](q, k, v, **kwargs)
             if reason is None:
                 return cand
             key = (cand, platform, mask, q.shape[1:], k.shape[1:], str(q.dtype))
@@ -187,10 +92,10 @@ def choose_implementation(q, k, v, *, mask: MaskKind = "none", prefix_len: int =
                 log.info("attention: %s does not support this call on %s (%s); using xla", cand,
                          platform, reason)
         return "xla"
-    if name not in _IMPLEMENTATIONS:
+    if name not in IMPLEMENTATIONS:
         raise AttentionError(
             f"unknown attention implementation {name!r}; available: {available_implementations()}")
-    reason = _IMPLEMENTATIONS[name][1](q, k, v, **kwargs)
+    reason = IMPLEMENTATIONS[name][1](q, k, v, **kwargs)
     if reason is not None:
         raise AttentionError(f"attention implementation {name!r} cannot serve this call on "
                              f"{platform}: {reason}")
@@ -218,6 +123,63 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: MaskKind = "non
         if name == "xla":
             return xla_attention(q, k, v, platform=target.platform, **kwargs)
         if target.sharded:  # kernels are opaque to the SPMD partitioner: run them per shard
-            from dar_jax.kernels.sharding import sharded_attention
             return sharded_attention(q, k, v, target, implementation=name, **kwargs)
-        return _IMPLEMENTATIONS[name][0](q, k, v, platform=target.platform, **kwargs)
+        return IMPLEMENTATIONS[name][0](q, k, v, platform=target.platform, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels under a sharded target
+# ----------------------------------------------------------------------------------------------
+# Attention kernels under a sharded target: per-shard blocks from the logical-axis rules.
+#
+# Kernels (pallas_call, custom calls) are opaque to the SPMD partitioner, so under a sharded
+# target they run inside ``jax.shard_map``. The specs come from the target's rules, like the
+# parameters' and the activations': q, k and v are ``("batch", "length", "heads", "head_dim")``
+# with the sequence and head dimensions kept whole (a kernel needs every key of its query), and
+# ``kv_len`` is ``("batch",)``. Attention is independent per example and per head, so no
+# collective is needed. GQA keeps working when Hkv is divisible by the head axes (head shard t
+# holds query heads [t H/T, (t+1) H/T) and exactly their kv heads [t Hkv/T, (t+1) Hkv/T)); a
+# dimension the mesh axes do not divide stays whole (computed redundantly, still correct).
+QKV_AXES = ("batch", None, "heads", None)
+
+
+def attention_specs(q, k, target: Target) -> tuple[P, P]:
+    """(q spec, k/v spec) under ``target``; raises when q and kv heads would be split apart."""
+    qs = target.spec(QKV_AXES, q.shape)
+    ks = target.spec(QKV_AXES, k.shape)
+    if qs[0] != ks[0]:
+        raise AttentionError(f"q batch {q.shape[0]} and kv batch {k.shape[0]} shard differently "
+                             f"({qs[0]} vs {ks[0]})")
+    if qs[2] != ks[2]:
+        raise AttentionError(f"heads (q {q.shape[2]}, kv {k.shape[2]}) are not divisible alike by "
+                             f"the head axes of the mesh {dict(target.mesh.shape)}: {qs[2]} vs {ks[2]}")
+    return qs, ks
+
+
+def sharded_attention(q, k, v, target: Target, *, mask: str = "none", prefix_len: int = 0,
+                      kv_len=None, scale: float | None = None,
+                      implementation: str | None = "auto"):
+    """``attention`` run per shard: q (B, Lq, H, D), k/v (B, Lk, Hkv, D), kv_len (B,).
+
+    The output is sharded like q. Works with Explicit and Auto mesh axes.
+    """
+    mesh = target.mesh
+    q_spec, kv_spec = attention_specs(q, k, target)
+    local_target = target.local()
+
+    def local(q, k, v, kv_len):
+        return attention(q, k, v, mask=mask, prefix_len=prefix_len, kv_len=kv_len, scale=scale,
+                         implementation=implementation, target=local_target)
+
+    args, specs = [q, k, v], [q_spec, kv_spec, kv_spec]
+    if kv_len is not None:
+        args.append(jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32).reshape(-1), (q.shape[0],)))
+        specs.append(P(q_spec[0]))
+        fn = local
+    else:
+        fn = lambda q, k, v: local(q, k, v, None)
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        # explicit-sharding types must match in_specs: move the operands there first
+        args = [jax.reshard(x, NamedSharding(mesh, s)) for x, s in zip(args, specs)]
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=q_spec,
+                         check_vma=False)(*args)

@@ -8,7 +8,7 @@ tokenizer's functions, sampling) the way MaxText passes its mesh and config. It 
   weight casts of decoding;
 * the sharding of activations: ``target.constrain(x, ("batch", "length", "embed"))`` maps
   logical axes to mesh axes by the same rules as the parameters;
-* the ``shard_map`` specs of kernels (``dar_jax.kernels.sharding``).
+* the ``shard_map`` specs of kernels (``dar_jax.nn.attention.sharded_attention``).
 
 The platform comes from the mesh's devices (a TPU topology's devices when cross-compiling on a
 CPU host), or from an explicit argument; never from ``jax.default_backend()``. Without a mesh
