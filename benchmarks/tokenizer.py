@@ -36,8 +36,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from dar_jax import sampling, tokenizer as T  # noqa: E402
-from dar_jax.sampling import sequential as SEQ  # noqa: E402
+from dar_jax import solvers, tokenizer as T  # noqa: E402
+from dar_jax.tokenizer import sequential as SEQ  # noqa: E402
 
 REFERENCE_IDLE = {"decode": 55.2, "encode": 3.30}     # shared/bench/README.md, idle machine
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny tokenizer at 32 px (smoke run)")
     ap.add_argument("--batches", default=None, help="comma list (default 1,2,8; quick 1,2)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--solvers", default=",".join(sampling.SOLVERS))
+    ap.add_argument("--solvers", default=",".join(solvers.SOLVERS))
     ap.add_argument("--solver-batch", type=int, default=2, help="batch of the per-solver table")
     ap.add_argument("--steps", type=int, default=None, help="decode steps (default: the config's)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per row (default 3; quick 2)")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     size = base.sampling_resolution
     batches = [int(b) for b in (a.batches or ("1,2" if a.quick else "1,2,8")).split(",")]
     dtypes = a.dtypes.split(",")
-    solvers = [sampling.canonical(s) for s in a.solvers.split(",")]
+    solvers = [solvers.canonical(s) for s in a.solvers.split(",")]
     reps = a.reps or (2 if a.quick else 3)
     steps = a.steps or base.num_denoising_steps
     n_tok = base.num_all_queries
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     for dtype in dtypes:
         cfg = dataclasses.replace(base, dtype=dtype)
         for s in solvers:
-            evals = steps * sampling.EVALS_PER_STEP[s]
+            evals = steps * solvers.EVALS_PER_STEP[s]
             sec, _ = common.timed(lambda: T.decode(cfg, params, codes, noise, solver=s, num_steps=steps), reps)
             results["rows"].append(dict(kind="solver", dtype=dtype, batch=b, solver=s, evals=evals, decode_s=sec))
             print(row((dtype, s, evals, g(sec), g(b / sec), g(sec / evals)), widths2), flush=True)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         for s in solvers:
             dists = []
             for e in budgets:
-                n = max(1, e // sampling.EVALS_PER_STEP[s])
+                n = max(1, e // solvers.EVALS_PER_STEP[s])
                 out = T.decode(cfg, params, codes, noise, solver=s, num_steps=n)
                 dists.append(float(jnp.sqrt(jnp.mean((out - ref) ** 2))))
             results["rows"].append(dict(kind="accuracy", solver=s, evals=list(budgets), rms=dists))

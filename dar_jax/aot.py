@@ -603,8 +603,8 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
     from dar_jax import ar, parallel, pipeline
     from dar_jax import tokenizer as tok
     from dar_jax.ar import generation as G
-    from dar_jax.sampling import sequential as SQ
-    from dar_jax.sampling import solvers as SO
+    from dar_jax import solvers as SO
+    from dar_jax.tokenizer import sequential as SQ
     from dar_jax.train.ar_task import gpt_train_flops_per_example
     from dar_jax.train.tokenizer_task import diffusion_flops
     mesh = parallel.make_mesh({"data": -1}, devices)

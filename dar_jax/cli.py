@@ -16,7 +16,8 @@ def expected_errors() -> tuple[type, ...]:
     from dar_jax.evaluate import ImageInputError, MetricInputError, ShardError
     from dar_jax.io import PathError
     from dar_jax.pipeline import PipelineError
-    from dar_jax.sampling import DecodeError, SolverError
+    from dar_jax.solvers import SolverError
+    from dar_jax.tokenizer import DecodeError
     from dar_jax.tokenizer import TokenizerInputError
     from dar_jax.train.loop import TrainingDiverged
     return (ConfigError, CheckpointError, TrainingDiverged, DataError, SamplingError, PipelineError,
@@ -63,7 +64,7 @@ def add_gpt_size_flags(ap: argparse.ArgumentParser, *aliases: str) -> None:
 
 
 def gpt_size_flags(args) -> dict:
-    from dar_jax.checkpoint.reference import GPT_SIZE_FLAGS
+    from dar_jax.ar.reference import GPT_SIZE_FLAGS
     return {k: getattr(args, k) for k in GPT_SIZE_FLAGS}
 
 

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dar_jax import ar, sampling
+from dar_jax import ar, solvers
 from dar_jax import tokenizer as tok
+from dar_jax.family import Family
 
 
 class PipelineError(ValueError):
@@ -82,12 +83,12 @@ class SampleOptions:
             bad.append(f"size={self.size!r} (a positive integer, or None for the tokenizer's)")
         if bad:
             raise PipelineError("bad sampling options: " + "; ".join(bad))
-        sampling.canonical(self.solver)
+        solvers.canonical(self.solver)
 
     def check_for(self, tok_cfg: tok.TokenizerConfig) -> None:
         """Options that depend on the tokenizer (the decode size)."""
         if self.size is not None:
-            sampling.check_size(tok_cfg, self.size)
+            tok.check_size(tok_cfg, self.size)
 
 
 def check_compatible(gpt_cfg: ar.GPTConfig, tok_cfg: tok.TokenizerConfig) -> None:
@@ -108,11 +109,15 @@ def _is_torch_file(path) -> bool:
     return str(path).endswith((".pt", ".pth"))
 
 
-def model_config(path: str, kind: str):
-    """The config of a ``kind`` ("gpt" | "tokenizer") model folder without reading its
-    parameters; None for a ``.pt``, whose config is only known once the file is read."""
+# every model family a model folder can hold (for loading a folder of either kind)
+FAMILIES: tuple[Family, ...] = (ar.FAMILY, tok.FAMILY)
+
+
+def model_config(path: str, family: Family):
+    """The config of a model folder of ``family`` (``ar.FAMILY``, ``tokenizer.FAMILY``) without
+    reading its parameters; None for a ``.pt``, whose config is only known once the file is read."""
     from dar_jax.checkpoint import store
-    return None if _is_torch_file(path) else store.read_config(path, kind)
+    return None if _is_torch_file(path) else store.read_config(path, family)[1]
 
 
 def load_tokenizer(path: str):
@@ -120,7 +125,7 @@ def load_tokenizer(path: str):
     from dar_jax.checkpoint import load_model
     if _is_torch_file(path):
         return tok.load_reference_tokenizer(path, keep_repa=False)
-    _, cfg, params = load_model(path, kind="tokenizer")
+    _, cfg, params = load_model(path, tok.FAMILY)
     return cfg, params
 
 
@@ -131,7 +136,8 @@ def load_gpt(path: str, *, default_block_size: int = 256, **size):
     ``num_classes``, ``vocab_size``), all optional: a .pt's config is inferred from its shapes
     (``n_head`` = dim / 64 and ``default_block_size`` unless given); for a folder they must agree
     with its config."""
-    from dar_jax.checkpoint import load_model, load_torch_file, reference
+    from dar_jax.ar import reference
+    from dar_jax.checkpoint import load_model, load_torch_file
     from dar_jax.checkpoint.torch_pickle import find_state_dict
     unknown = sorted(set(size) - set(reference.GPT_SIZE_FLAGS))
     if unknown:
@@ -141,9 +147,8 @@ def load_gpt(path: str, *, default_block_size: int = 256, **size):
         cfg = reference.gpt_config_from_state_dict(sd, default_block_size=default_block_size,
                                                    where=f"GPT checkpoint {path}", **size)
         return cfg, reference.gpt_params_from_state_dict(sd, cfg, where=f"GPT checkpoint {path}")
-    from dar_jax.checkpoint import store
-    reference.check_size_flags(store.read_config(path, "gpt"), f"the GPT model folder {path}", **size)
-    _, cfg, params = load_model(path, kind="gpt")
+    reference.check_size_flags(model_config(path, ar.FAMILY), f"the GPT model folder {path}", **size)
+    _, cfg, params = load_model(path, ar.FAMILY)
     return cfg, params
 
 
@@ -178,7 +183,7 @@ def token_keys(keys: jax.Array) -> jax.Array:
 
 def noise_for(models: Models, keys: jax.Array, size: int | None = None) -> jax.Array:
     """Decoder noise x0 (B, H, W, 3) drawn per sample from ``fold_in(key, 1)``."""
-    h, w = sampling.resolution(models.tok_cfg, size)
+    h, w = tok.resolution(models.tok_cfg, size)
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (h, w, 3), jnp.float32))(keys)
 
 
@@ -211,8 +216,8 @@ class StreamEvent(NamedTuple):
 
 def _decode_schedule(cfg: tok.TokenizerConfig, num_steps: int) -> list[tuple[int, int, int]]:
     """(group, tokens known, steps ready) after each group."""
-    return [(g, sampling.tokens_in_groups(cfg, g),
-             sampling.steps_ready(cfg, sampling.tokens_in_groups(cfg, g), num_steps))
+    return [(g, tok.tokens_in_groups(cfg, g),
+             tok.steps_ready(cfg, tok.tokens_in_groups(cfg, g), num_steps))
             for g in range(1, cfg.num_query_groups + 1)]
 
 
@@ -221,7 +226,7 @@ class _GroupDecoder:
 
     def __init__(self, models: Models, noise, solver: str, num_steps: int, target=None):
         self.m, self.solver, self.num_steps, self.target = models, solver, num_steps, target
-        self.state = sampling.init_state(models.tok_cfg, noise, num_steps=num_steps)
+        self.state = tok.init_state(models.tok_cfg, noise, num_steps=num_steps)
         self.done = 0
         self.preview = jnp.asarray(noise) / models.tok_cfg.data_std
 
@@ -230,11 +235,11 @@ class _GroupDecoder:
             cfg, params = self.m.tok_cfg, self.m.tok_params
             # the decoder layers are causal: cond of the known tokens ignores the zeros after them
             cond = tok.codes_to_cond(cfg, params, tokens, check=False, target=self.target)
-            kv = sampling.prepare(cfg, params, cond, self.target)
-            self.state, preview = sampling.run_steps(cfg, params, kv, self.state, self.done, ready,
+            kv = tok.cross_kv(cfg, params, cond, self.target)
+            self.state, preview = tok.run_steps(cfg, params, kv, self.state, self.done, ready,
                                                      solver=self.solver, num_steps=self.num_steps,
                                                      target=self.target)
-            self.preview = sampling.postprocess(cfg, preview)
+            self.preview = tok.postprocess(cfg, preview)
             self.done = ready
         return self.preview
 
@@ -255,8 +260,8 @@ def decode_groups(models: Models, codes, noise, *, solver: str = "adams2",
     shape = tuple(np.shape(noise))
     if len(shape) != 4 or shape[0] != codes.shape[0] or shape[-1] != 3:
         raise PipelineError(f"noise must be (B={codes.shape[0]}, H, W, 3), got shape {shape}")
-    sampling.check_size(cfg, shape[1:3])
-    dec = _GroupDecoder(models, noise, sampling.canonical(solver), num_steps, target)
+    tok.check_size(cfg, shape[1:3])
+    dec = _GroupDecoder(models, noise, solvers.canonical(solver), num_steps, target)
     sched = _decode_schedule(cfg, num_steps)
     for g, known, ready in sched:
         visible = jnp.where(jnp.arange(codes.shape[1]) < known, codes, 0)
@@ -292,7 +297,7 @@ def stream(models: Models, labels, keys, options: SampleOptions = SampleOptions(
     num_steps = int(options.num_steps or cfg.num_denoising_steps)
     gen = _generation(models, labels, keys, options, prefix, prefix_len, target)
     dec = _GroupDecoder(models, noise_for(models, keys, options.size),
-                        sampling.canonical(options.solver), num_steps, target)
+                        solvers.canonical(options.solver), num_steps, target)
     state = gen.start()
     have = 1
     sched = _decode_schedule(cfg, num_steps)
@@ -368,7 +373,7 @@ def layout_prefix(models: Models, images, groups: int) -> tuple[jax.Array, int]:
     if not 0 <= groups <= cfg.num_query_groups:
         raise PipelineError(f"layout groups must lie in [0, {cfg.num_query_groups}], got {groups}")
     codes = tok.encode(cfg, models.tok_params, images, check_range=True)
-    return codes, sampling.tokens_in_groups(cfg, groups)
+    return codes, tok.tokens_in_groups(cfg, groups)
 
 
 def load_image(path: str, size: int) -> np.ndarray:

@@ -38,22 +38,23 @@ def load_models(args, size: int | None = None, classes: str | None = None):
     clear error, with how to restore the shipped default model when it is the one. ``size`` (a
     decode resolution) and ``classes`` (--classes text) are checked against the models' configs
     before their weights are read."""
-    from dar_jax import pipeline, sampling
+    from dar_jax import ar, pipeline
+    from dar_jax import tokenizer as tok
     from dar_jax.cli import gpt_size_flags
 
     check_model_paths(args)
     # a model folder's config.json answers before any weights are read; a .pt has none, so its
     # size is checked once it is loaded
-    tok_cfg = _load(lambda: pipeline.model_config(args.tokenizer, "tokenizer"), args.tokenizer)
+    tok_cfg = _load(lambda: pipeline.model_config(args.tokenizer, tok.FAMILY), args.tokenizer)
     size_checked = tok_cfg is not None
     if size_checked and size:
-        sampling.check_size(tok_cfg, size)
-    gpt_cfg = _load(lambda: pipeline.model_config(args.gpt, "gpt"), args.gpt)
+        tok.check_size(tok_cfg, size)
+    gpt_cfg = _load(lambda: pipeline.model_config(args.gpt, ar.FAMILY), args.gpt)
     if gpt_cfg is not None and classes is not None:
         parse_classes(classes, gpt_cfg.num_classes)
     tok_cfg, tok_params = _load(lambda: pipeline.load_tokenizer(args.tokenizer), args.tokenizer)
     if size and not size_checked:
-        sampling.check_size(tok_cfg, size)
+        tok.check_size(tok_cfg, size)
     gpt_cfg, gpt_params = _load(lambda: pipeline.load_gpt(
         args.gpt, default_block_size=tok_cfg.num_all_queries, **gpt_size_flags(args)), args.gpt)
     return pipeline.make_models(gpt_cfg, gpt_params, tok_cfg, tok_params)
@@ -186,9 +187,10 @@ def _sample_and_write(models, labels, opts, out: pathlib.Path, args) -> str:
     import jax
 
     from dar_jax import parallel, pipeline
+    from dar_jax import tokenizer as tok
     prefix, prefix_len = None, 0
     if args.layout_from:
-        size = pipeline.sampling.resolution(models.tok_cfg, opts.size)[0]
+        size = tok.resolution(models.tok_cfg, opts.size)[0]
         image = pipeline.load_image(args.layout_from, size)
         codes, prefix_len = pipeline.layout_prefix(models, image, args.layout_groups)
         prefix = np.asarray(codes)

@@ -72,7 +72,7 @@ def gpt_io(ref_dir):
 def ref_gpt(ref_dir, ref_config):
     """(cfg, params) of the fixture GPT, converted from the reference .pt."""
     from dar_jax import ar
-    from dar_jax.checkpoint import reference
+    from dar_jax.ar import reference
     cfg = ar.gpt_config(**ref_config["gpt"])
     return cfg, reference.load_reference_gpt(ref_dir / "gpt.pt", cfg)
 
@@ -93,8 +93,10 @@ def ref_models(ref_gpt, ref_tokenizer):
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory, ref_gpt, ref_tokenizer):
     """The fixture models saved as dar-jax model directories: (gpt_dir, tokenizer_dir)."""
+    from dar_jax import ar
+    from dar_jax import tokenizer as tok
     from dar_jax.checkpoint import save_model
     root = tmp_path_factory.mktemp("models")
-    save_model(root / "gpt", "gpt", *ref_gpt)
-    save_model(root / "tokenizer", "tokenizer", *ref_tokenizer)
+    save_model(root / "gpt", ar.FAMILY, *ref_gpt)
+    save_model(root / "tokenizer", tok.FAMILY, *ref_tokenizer)
     return root / "gpt", root / "tokenizer"

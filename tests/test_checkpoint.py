@@ -15,8 +15,11 @@ import pytest
 import torch_format
 from conftest import OFFICIAL_SHAPES, REPO
 from dar_jax import ar
+from dar_jax import tokenizer as tok
+from dar_jax.pipeline import FAMILIES
 from dar_jax.checkpoint import (CheckpointError, UnsafePickleError, load_model, load_torch_file,
-                                reference, save_model)
+                                save_model)
+from dar_jax.ar import reference
 from dar_jax.checkpoint.convert import main as convert_main
 from dar_jax.config import ConfigError
 
@@ -109,16 +112,16 @@ def test_full_size_key_and_shape_mapping(size):
 def test_model_directory_roundtrip_and_atomic_overwrite(tmp_path, ref_gpt):
     cfg, params = ref_gpt
     out = tmp_path / "gpt"
-    save_model(out, "gpt", cfg, params)
-    kind, cfg2, params2 = load_model(out)
+    save_model(out, ar.FAMILY, cfg, params)
+    kind, cfg2, params2 = load_model(out, FAMILIES)
     assert kind == "gpt" and cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
     # a failing save leaves the previous model intact
     bad = jax.tree.map(lambda x: x, params)
     bad["norm"]["weight"] = object()
     with pytest.raises(Exception):
-        save_model(out, "gpt", cfg, bad, overwrite=True)
-    _, _, params3 = load_model(out)
+        save_model(out, ar.FAMILY, cfg, bad, overwrite=True)
+    _, _, params3 = load_model(out, FAMILIES)
     jax.tree.map(np.testing.assert_array_equal, params3, params)
     assert sorted(os.listdir(tmp_path)) == ["gpt"]
 
@@ -130,32 +133,32 @@ def _dir_bytes(path) -> int:
 
 def test_bfloat16_storage_halves_the_model_and_restores_float32(tmp_path, ref_gpt):
     cfg, params = ref_gpt
-    save_model(tmp_path / "f32", "gpt", cfg, params)
-    save_model(tmp_path / "bf16", "gpt", cfg, params, storage_dtype="bfloat16")
+    save_model(tmp_path / "f32", ar.FAMILY, cfg, params)
+    save_model(tmp_path / "bf16", ar.FAMILY, cfg, params, storage_dtype="bfloat16")
     assert _dir_bytes(tmp_path / "bf16" / "params") < 0.6 * _dir_bytes(tmp_path / "f32" / "params")
-    _, cfg2, restored = load_model(tmp_path / "bf16")
+    _, cfg2, restored = load_model(tmp_path / "bf16", FAMILIES)
     assert cfg2 == cfg
     chex.assert_trees_all_equal_dtypes(restored, params)
     rounded = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16).astype(np.float32), params)
     jax.tree.map(np.testing.assert_array_equal, restored, rounded)
     with pytest.raises(ConfigError, match="storage_dtype"):
-        save_model(tmp_path / "f16", "gpt", cfg, params, storage_dtype="float16")
+        save_model(tmp_path / "f16", ar.FAMILY, cfg, params, storage_dtype="float16")
     assert not (tmp_path / "f16").exists()
 
 def test_mismatched_model_directory_is_refused(tmp_path, ref_gpt):
     cfg, params = ref_gpt
     out = tmp_path / "gpt"
-    save_model(out, "gpt", cfg, params)
+    save_model(out, ar.FAMILY, cfg, params)
     meta = json.loads((out / "config.json").read_text())
     meta["config"]["n_layer"] += 1
     (out / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="do not match"):
-        load_model(out)
+        load_model(out, FAMILIES)
     (out / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_model(out)
+        load_model(out, FAMILIES)
     with pytest.raises(CheckpointError, match="not found"):
-        load_model(tmp_path / "nothing")
+        load_model(tmp_path / "nothing", FAMILIES)
 
 
 def test_convert_command(tmp_path, ref_dir, ref_config, ref_gpt, capsys):
@@ -166,13 +169,13 @@ def test_convert_command(tmp_path, ref_dir, ref_config, ref_gpt, capsys):
     src = str(ref_dir / "gpt.pt")
     flags = ["--n-head", str(g["n_head"]), "--block-size", str(g["block_size"])]
     assert convert_main(["gpt", src, str(out), *flags]) == 0, capsys.readouterr().err
-    _, cfg, params = load_model(out, kind="gpt")
+    _, cfg, params = load_model(out, ar.FAMILY)
     assert cfg == ref_gpt[0]
     jax.tree.map(np.testing.assert_array_equal, params, ref_gpt[1])
     full = ["--dim", str(g["dim"]), "--n-layer", str(g["n_layer"]), "--num-classes", str(g["num_classes"]),
             "--vocab-size", str(g["vocab_size"])]
     assert convert_main(["gpt", src, str(tmp_path / "full"), *flags, *full]) == 0
-    assert load_model(tmp_path / "full", kind="gpt")[1] == ref_gpt[0]
+    assert load_model(tmp_path / "full", ar.FAMILY)[1] == ref_gpt[0]
     bad = [(["--num-classes", str(g["num_classes"] + 1)], f"--num-classes {g['num_classes'] + 1}",
             f"num_classes={g['num_classes']}"),
            (["--dim", str(g["dim"] * 2)], f"--dim {g['dim'] * 2}", f"dim={g['dim']}"),
@@ -264,7 +267,7 @@ def test_converter_writes_new_and_empty_folders_and_replaces_models_only_when_as
     finally:
         os.umask(old_umask)
     for d in (empty, new):
-        load_model(d, kind="tokenizer")
+        load_model(d, tok.FAMILY)
         assert os.stat(d).st_mode & 0o777 == 0o755, oct(os.stat(d).st_mode)
         for r, dirs, files in os.walk(d):
             for f in files:
@@ -278,7 +281,7 @@ def test_converter_writes_new_and_empty_folders_and_replaces_models_only_when_as
     assert "--overwrite" in capsys.readouterr().err
     assert _snapshot(tmp_path) == before
     assert convert_main(["tokenizer", src, str(new), "--overwrite"]) == 0
-    load_model(new, kind="tokenizer")
+    load_model(new, tok.FAMILY)
     assert (users_old / "keep.txt").read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["empty", "new", "new.old"]
 
@@ -288,7 +291,7 @@ def test_replacing_a_model_keeps_a_complete_model_at_every_moment(tmp_path, ref_
     created (never deleted), and a failing write leaves the old model in place."""
     cfg, params = ref_gpt
     out = tmp_path / "gpt"
-    save_model(out, "gpt", cfg, params)
+    save_model(out, ar.FAMILY, cfg, params)
     other = jax.tree.map(lambda a: np.asarray(a) + 1, params)
     seen = []
     real = {"rename": os.rename, "replace": os.replace}
@@ -302,10 +305,10 @@ def test_replacing_a_model_keeps_a_complete_model_at_every_moment(tmp_path, ref_
 
     monkeypatch.setattr(os, "rename", recording("rename"))
     monkeypatch.setattr(os, "replace", recording("replace"))
-    save_model(out, "gpt", cfg, other, overwrite=True)
+    save_model(out, ar.FAMILY, cfg, other, overwrite=True)
     monkeypatch.undo()
     assert seen and all(entries for entries in seen), seen
-    jax.tree.map(np.testing.assert_array_equal, load_model(out)[2], other)
+    jax.tree.map(np.testing.assert_array_equal, load_model(out, FAMILIES)[2], other)
     assert sorted(os.listdir(tmp_path)) == ["gpt"]
 
 

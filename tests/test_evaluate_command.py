@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from dar_jax import ar
 from dar_jax.checkpoint import save_model
 from dar_jax.evaluate.command import main as evaluate_main
 
@@ -91,14 +92,14 @@ def test_a_replaced_model_is_refused_and_its_shards_never_reused(setup, ref_gpt,
     args, out, _ = setup
     gpt = tmp_path / "m" / "gpt"
     cfg, params = ref_gpt
-    save_model(gpt, "gpt", cfg, params)
+    save_model(gpt, ar.FAMILY, cfg, params)
     args = list(args)
     args[1] = str(gpt)
     with pytest.raises(Interrupted):  # a shard of the first model exists
         evaluate_main(args + ["--quiet"], hooks=stop_after(1))
     before = {f: (out / "samples" / f).read_bytes() for f in os.listdir(out / "samples")}
     other = jax.tree.map(lambda a: np.asarray(a) * 0.5, params)
-    save_model(gpt, "gpt", cfg, other, overwrite=True)     # other parameters at the same path
+    save_model(gpt, ar.FAMILY, cfg, other, overwrite=True)     # other parameters at the same path
     rc, err = run(args, capsys)
     assert rc == 2 and "gpt_fingerprint" in err and "parameters" in err and "Traceback" not in err, err
     assert {f: (out / "samples" / f).read_bytes() for f in os.listdir(out / "samples")} == before

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from dar_jax import ar, pipeline, sampling
+from dar_jax import ar, pipeline
+from dar_jax import tokenizer as T
+from dar_jax.tokenizer import sequential
 from dar_jax.ar import generation
 from dar_jax.sample_cli import main as sample_main
 
@@ -26,7 +28,7 @@ def test_streaming_previews_match_reference(ref_models, ref_dir):
     events = list(pipeline.decode_groups(ref_models, io["codes"], nhwc(io["decode_noise"])))
     assert len(events) == cfg.num_query_groups and events[-1].final
     for ev in events:
-        steps = sampling.steps_ready(cfg, sampling.tokens_in_groups(cfg, ev.group))
+        steps = T.steps_ready(cfg, T.tokens_in_groups(cfg, ev.group))
         ref = io["decode_adams2"] if steps == cfg.num_denoising_steps else io[f"preview_adams2_{steps}"]
         np.testing.assert_allclose(np.asarray(ev.images), nhwc(ref), atol=1e-3)
 
@@ -37,9 +39,9 @@ def test_stream_matches_sample_and_compiles_once(ref_models):
     events = list(pipeline.stream(ref_models, [0, 1, 2], keys, opts))
     assert [e.group for e in events] == list(range(1, ref_models.tok_cfg.num_query_groups + 1))
     assert [e.final for e in events] == [False] * (len(events) - 1) + [True]
-    sizes = (generation._advance_jit._cache_size(), sampling.sequential._run._cache_size())
+    sizes = (generation._advance_jit._cache_size(), sequential._run._cache_size())
     result = pipeline.sample(ref_models, [0, 1, 2], keys, opts, previews=True)
-    assert (generation._advance_jit._cache_size(), sampling.sequential._run._cache_size()) == sizes
+    assert (generation._advance_jit._cache_size(), sequential._run._cache_size()) == sizes
     np.testing.assert_array_equal(np.asarray(result.images), np.asarray(events[-1].images))
     np.testing.assert_array_equal(np.asarray(result.tokens), np.asarray(events[-1].tokens))
     assert result.previews.shape[1] == len(events)
@@ -53,7 +55,7 @@ def test_layout_control_keeps_prefix_and_changes_samples(ref_models, ref_dir):
     io = np.load(ref_dir / "tokenizer_io.npz")
     image = nhwc(io["images"][:1])
     codes, k = pipeline.layout_prefix(ref_models, image, 2)
-    assert k == sampling.tokens_in_groups(ref_models.tok_cfg, 2) > 0
+    assert k == T.tokens_in_groups(ref_models.tok_cfg, 2) > 0
     keys = pipeline.sample_keys(5, 4)
     labels = [1, 1, 2, 2]
     opts = pipeline.SampleOptions(cfg_scale=2.0, temperature=1.5)
@@ -85,7 +87,7 @@ def test_cli_end_to_end_reproducible(model_dirs, ref_gpt, tmp_path):
     assert "grid.png" in files and "previews.png" in files and "samples.npz" in files
     pngs = [f for f in files if f.endswith(".png") and f[0].isdigit() and "previews" not in f]
     assert len(pngs) == 5
-    size = sampling.resolution(pipeline.load_models(str(gpt), str(tok)).tok_cfg)
+    size = T.resolution(pipeline.load_models(str(gpt), str(tok)).tok_cfg)
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() or f.endswith(".npz")
     for f in pngs:
@@ -132,7 +134,7 @@ def test_cli_bad_inputs(model_dirs, tmp_path, capsys, ref_gpt):
     other = dataclasses.replace(cfg, vocab_size=cfg.vocab_size * 2)
     big = dict(params, tok_embeddings=np.zeros((other.vocab_size, cfg.dim), np.float32),
                output=np.zeros((cfg.dim, other.vocab_size), np.float32))
-    save_model(tmp_path / "gpt_other", "gpt", other, big)
+    save_model(tmp_path / "gpt_other", ar.FAMILY, other, big)
     cases.append((["--gpt", str(tmp_path / "gpt_other")], "does not match the tokenizer's codebook"))
     for extra, message in cases:
         rc = sample_main(base + extra)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dar_jax import sampling, tokenizer as T
+from dar_jax import solvers, tokenizer as T
+from dar_jax.nn.resize import resize_bicubic
 
 X0 = jnp.array([0.5, 1.0, 2.0, -0.3], jnp.float32)
 
@@ -36,14 +37,14 @@ def _observed_order(solver, fn, exact, grid, ns=(16, 32, 64, 128)):
         ts = grid(n)
         a, b = float(ts[0]), float(ts[-1])
         xa = jnp.asarray(exact(0.0, a, np.asarray(X0)), jnp.float32)
-        x = sampling.integrate(fn, xa, ts, solver)
+        x = solvers.integrate(fn, xa, ts, solver)
         errs.append(float(jnp.abs(x - exact(a, b, xa)).max()))
     assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:])), errs
     return -np.polyfit(np.log(ns), np.log(errs), 1)[0]
 
 
-DECODE_GRID = lambda n: sampling.time_points(n, 2.0)           # the tokenizer's shifted grid
-UNIFORM = lambda n: sampling.time_points(n, 1.0)
+DECODE_GRID = lambda n: T.time_points(n, 2.0)           # the tokenizer's shifted grid
+UNIFORM = lambda n: T.time_points(n, 1.0)
 INTERIOR = lambda n: np.linspace(0.1, 0.9, n + 1).astype(np.float32)
 
 
@@ -70,53 +71,53 @@ def test_first_steps_and_jumps():
     is exact, and a jump from any t to 1 lands on x1."""
     x0, x1 = jnp.array([0.3, -1.0]), jnp.array([2.0, 0.5])
     v = lambda x, t: x1 - x0
-    for solver in sampling.SOLVERS:
-        out = sampling.integrate(v, x0, sampling.time_points(5, 2.0), solver)
+    for solver in solvers.SOLVERS:
+        out = solvers.integrate(v, x0, T.time_points(5, 2.0), solver)
         np.testing.assert_allclose(np.asarray(out), np.asarray(x1), atol=1e-6)
         xt = 0.4 * x1 + 0.6 * x0
-        hist = sampling.init_history(xt)
-        jump, _ = sampling.step(solver, v, xt, v(xt, 0.4), hist, 0.4, 1.0)
+        hist = solvers.init_history(xt)
+        jump, _ = solvers.step(solver, v, xt, v(xt, 0.4), hist, 0.4, 1.0)
         np.testing.assert_allclose(np.asarray(jump), np.asarray(x1), atol=1e-6)
-    with pytest.raises(sampling.SolverError, match="unknown solver"):
-        sampling.canonical("rk4")
-    assert sampling.canonical("DPM++") == "dpmpp_2m"
+    with pytest.raises(solvers.SolverError, match="unknown solver"):
+        solvers.canonical("rk4")
+    assert solvers.canonical("DPM++") == "dpmpp_2m"
 
 
 def test_schedules():
     v1 = T.TokenizerConfig()
-    np.testing.assert_array_equal(sampling.window_starts(v1), np.arange(8) * 32)
-    t = sampling.time_points(8, 2.0)
+    np.testing.assert_array_equal(T.window_starts(v1), np.arange(8) * 32)
+    t = T.time_points(8, 2.0)
     assert t[0] == 0 and t[-1] == 1 and t[4] == np.float32(0.5) / np.float32(1.5)
     # more steps than groups: each step takes the window of its own (unshifted) time
     cfg = T.tiny_config()                       # 4 groups of 8 queries
-    np.testing.assert_array_equal(sampling.window_starts(cfg, 7), [0, 8, 8, 16, 16, 24, 24])
-    np.testing.assert_array_equal(sampling.window_starts(cfg, 8), [0, 8, 8, 16, 16, 24, 24, 24])
+    np.testing.assert_array_equal(T.window_starts(cfg, 7), [0, 8, 8, 16, 16, 24, 24])
+    np.testing.assert_array_equal(T.window_starts(cfg, 8), [0, 8, 8, 16, 16, 24, 24, 24])
     odd = T.tiny_config(num_query_groups=2, num_all_queries=16, queries_per_step=6)
-    np.testing.assert_array_equal(sampling.window_starts(odd, 5), [0, 0, 8, 8, 10])
-    assert [sampling.steps_ready(cfg, n, 7) for n in (0, 7, 8, 16, 24, 32)] == [0, 0, 1, 3, 5, 7]
-    assert sampling.tokens_in_groups(cfg, 3) == 24
+    np.testing.assert_array_equal(T.window_starts(odd, 5), [0, 0, 8, 8, 10])
+    assert [T.steps_ready(cfg, n, 7) for n in (0, 7, 8, 16, 24, 32)] == [0, 0, 1, 3, 5, 7]
+    assert T.tokens_in_groups(cfg, 3) == 24
 
 
 def _slow_decode(cfg, params, cond, noise, solver, num_steps, start=0, stop=None, start_image=None):
     """Python-loop decode from T.velocity and the step rules (the reference's structure)."""
     vel = jax.jit(T.velocity, static_argnums=0)
     stop = stop or num_steps
-    times = sampling.time_points(num_steps, cfg.time_shift)
-    wins = sampling.window_starts(cfg, num_steps)
+    times = T.time_points(num_steps, cfg.time_shift)
+    wins = T.window_starts(cfg, num_steps)
     x = jnp.asarray(noise)
     if start_image is not None:
         x = x * (1 - times[start]) + start_image * cfg.data_std * times[start]
-    hist = sampling.init_history(x)
+    hist = solvers.init_history(x)
     batch = x.shape[0]
     for i in range(start, stop):
         group = cond[:, wins[i]: wins[i] + cfg.queries_per_step]
         ev = lambda xx, tt, g=group: vel(cfg, params, xx, jnp.full((batch,), tt, jnp.float32), g)
         t_next = times[i + 1] if i < stop - 1 else np.float32(1.0)
-        x, hist = sampling.step(solver, ev, x, ev(x, times[i]), hist, times[i], t_next)
+        x, hist = solvers.step(solver, ev, x, ev(x, times[i]), hist, times[i], t_next)
     return x / cfg.data_std
 
 
-@pytest.mark.parametrize("solver", sampling.SOLVERS)
+@pytest.mark.parametrize("solver", solvers.SOLVERS)
 def test_every_solver_decodes_with_more_steps_than_groups(tok_default, solver):
     c = tok_default
     cfg, cond, noise = c.cfg, c.io["cond"], c.io["decode_noise"]
@@ -136,12 +137,12 @@ def test_every_solver_decodes_with_more_steps_than_groups(tok_default, solver):
         np.asarray(part),
         np.asarray(_slow_decode(cfg, c.params, cond, noise, solver, steps, start=3, start_image=start)), atol=1e-4)
     # streaming: group by group through run_steps gives the same previews and final image
-    state, done = sampling.init_state(cfg, noise), 0
-    kv = sampling.prepare(cfg, c.params, jnp.asarray(cond))
+    state, done = T.init_state(cfg, noise), 0
+    kv = T.cross_kv(cfg, c.params, jnp.asarray(cond))
     for g in range(1, cfg.num_query_groups + 1):
-        ready = sampling.steps_ready(cfg, sampling.tokens_in_groups(cfg, g), steps)
+        ready = T.steps_ready(cfg, T.tokens_in_groups(cfg, g), steps)
         if ready > done:
-            state, preview = sampling.run_steps(cfg, c.params, kv, state, done, ready, solver=solver,
+            state, preview = T.run_steps(cfg, c.params, kv, state, done, ready, solver=solver,
                                                 num_steps=steps)
             want = T.decode(cfg, c.params, cond, noise, solver=solver, num_steps=steps, preview_steps=ready)
             np.testing.assert_allclose(np.asarray(preview), np.asarray(want), atol=1e-5)
@@ -162,8 +163,8 @@ def test_decode_is_batch_parallel_and_keyed(tok_default):
     assert a.shape == (2, r, r, 3)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     big = cfg.sampling_resolution + 2 * cfg.diff_decoder.patch_size
-    assert sampling.resolution(cfg, big) == (big, big)
-    assert sampling.resolution(cfg, 1) == (r, r)
+    assert T.resolution(cfg, big) == (big, big)
+    assert T.resolution(cfg, 1) == (r, r)
 
 
 # torch F.interpolate(x, size=(4, 4), mode="bicubic", align_corners=False) of
@@ -177,10 +178,10 @@ _TORCH_BICUBIC = [
 
 def test_output_resolution_resize_is_torch_bicubic():
     x = (np.arange(84, dtype=np.float32).reshape(1, 2, 7, 6) ** 1.5) / 50.0
-    y = sampling.resize_bicubic(jnp.asarray(x.transpose(0, 2, 3, 1)), (4, 4))
+    y = resize_bicubic(jnp.asarray(x.transpose(0, 2, 3, 1)), (4, 4))
     np.testing.assert_allclose(np.asarray(y).transpose(0, 3, 1, 2)[0], _TORCH_BICUBIC, atol=2e-5)
     cfg = dataclasses.replace(T.tiny_config(), output_resolution=16)
     img = jnp.ones((1, 32, 32, 3))
-    np.testing.assert_allclose(np.asarray(sampling.postprocess(cfg, img)), 1.0, atol=1e-6)
-    assert sampling.postprocess(cfg, img).shape == (1, 16, 16, 3)
-    assert sampling.postprocess(T.tiny_config(), img).shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(np.asarray(T.postprocess(cfg, img)), 1.0, atol=1e-6)
+    assert T.postprocess(cfg, img).shape == (1, 16, 16, 3)
+    assert T.postprocess(T.tiny_config(), img).shape == (1, 32, 32, 3)

@@ -15,11 +15,11 @@ import pytest
 
 import torch_format
 from conftest import OFFICIAL_SHAPES
-from dar_jax import sampling, tokenizer as T
-from dar_jax.sampling import sequential as SEQ
+from dar_jax import solvers, tokenizer as T
+from dar_jax.tokenizer import sequential as SEQ
 from dar_jax.checkpoint import CheckpointError, load_model, load_torch_file
 from dar_jax.checkpoint import convert as convert_cmd
-from dar_jax.checkpoint import reference_tokenizer as RT
+from dar_jax.tokenizer import reference as RT
 from dar_jax.config import ConfigError
 from dar_jax.tokenizer import flow, quantizer
 
@@ -106,18 +106,18 @@ def test_preview_groups_and_streaming_steps(tok_default):
     c = tok_default
     cfg, steps = c.cfg, c.cfg.num_denoising_steps
     n_tok = cfg.num_all_queries
-    state = sampling.init_state(cfg, c.io["decode_noise"])
+    state = T.init_state(cfg, c.io["decode_noise"])
     done = 0
     compiled = None
     for g in range(1, cfg.num_query_groups + 1):
-        ready = sampling.steps_ready(cfg, sampling.tokens_in_groups(cfg, g))
+        ready = T.steps_ready(cfg, T.tokens_in_groups(cfg, g))
         if ready <= done:
             continue
         # only the tokens known after g groups, the rest padded: causality keeps the prefix exact
-        known = sampling.tokens_in_groups(cfg, g)
+        known = T.tokens_in_groups(cfg, g)
         codes = np.where(np.arange(n_tok)[None] < known, c.io["codes"], 0)
-        kv = sampling.prepare(cfg, c.params, T.codes_to_cond(cfg, c.params, codes))
-        state, preview = sampling.run_steps(cfg, c.params, kv, state, done, ready)
+        kv = T.cross_kv(cfg, c.params, T.codes_to_cond(cfg, c.params, codes))
+        state, preview = T.run_steps(cfg, c.params, kv, state, done, ready)
         want = c.io["decode_adams2"] if ready == steps else c.io[f"preview_adams2_{ready}"]
         assert abs_err(preview, want) < 1e-3, (g, ready)
         by_groups = T.decode(cfg, c.params, c.io["cond"], c.io["decode_noise"], preview_groups=g)
@@ -218,7 +218,7 @@ def test_trainer_file_layout_loads(tmp_path, tok_default):
 def test_convert_command(tmp_path, tok_default):
     out = tmp_path / "tok"
     assert convert_cmd.main(["tokenizer", str(tok_default.path / "tokenizer.pt"), str(out)]) == 0
-    kind, cfg, params = load_model(out, kind="tokenizer")
+    kind, cfg, params = load_model(out, T.FAMILY)
     assert kind == "tokenizer" and cfg == tok_default.cfg
     jax.tree.map(np.testing.assert_array_equal, params, tok_default.params)
     bad = _rewrite(tok_default.path / "tokenizer.pt", tmp_path / "bad.pt",
@@ -253,11 +253,11 @@ def test_bad_images_and_codes_give_clear_errors(tok_default):
         T.codes_to_cond(cfg, c.params, c.io["codes"].astype(np.float32))
     with pytest.raises(T.TokenizerInputError, match="queries"):
         T.codes_to_cond(cfg, c.params, np.zeros((1, cfg.num_all_queries + 1), np.int32))
-    with pytest.raises(sampling.DecodeError, match="patch size"):
+    with pytest.raises(T.DecodeError, match="patch size"):
         T.decode(cfg, c.params, c.io["cond"], c.io["decode_noise"][:, 1:])
-    with pytest.raises(sampling.SolverError, match="unknown solver"):
+    with pytest.raises(solvers.SolverError, match="unknown solver"):
         T.decode(cfg, c.params, c.io["cond"], c.io["decode_noise"], solver="rk45")
-    with pytest.raises(sampling.DecodeError, match="range"):
+    with pytest.raises(T.DecodeError, match="range"):
         T.decode(cfg, c.params, c.io["cond"], c.io["decode_noise"], preview_steps=0)
 
 
@@ -313,9 +313,9 @@ def test_flow_matching_pieces():
     cfg = T.tiny_config()
     steps = cfg.num_denoising_steps
     t = jnp.asarray([i / steps for i in range(steps)], jnp.float32)
-    np.testing.assert_array_equal(np.asarray(flow.window_start(cfg, t)), sampling.window_starts(cfg))
+    np.testing.assert_array_equal(np.asarray(flow.window_start(cfg, t)), T.window_starts(cfg))
     np.testing.assert_allclose(np.asarray(flow.time_shift(t, cfg.time_shift)),
-                               sampling.time_points(steps, cfg.time_shift)[:-1], rtol=1e-6)
+                               T.time_points(steps, cfg.time_shift)[:-1], rtol=1e-6)
     assert float(flow.time_shift(jnp.float32(0.5), 2.0)) == pytest.approx(1 / 3)
     starts = flow.window_start(cfg, jnp.array([0.0, 0.124, 0.126, 0.99, 1.0]))
     np.testing.assert_array_equal(np.asarray(starts), [0, 0, 8, 24, 24])   # clamped to N - qps

@@ -218,11 +218,11 @@ def test_tiny_ar_config_learns_on_synthetic_shapes(tmp_path, model_dirs, ref_tok
     """configs/tiny_ar.py through the real input pipeline, tokenized on the fly, with the cheap
     in-training FID / IS (fixture Inception weights) at the last step. The GPT's vocabulary and
     length and the images' size follow the fixture's tokenizer."""
-    from dar_jax import sampling
+    from dar_jax import tokenizer as tok
     _, tokenizer_dir = model_dirs
     tok_cfg = ref_tokenizer[0]
     sizes = [f"model.vocab_size={tok_cfg.vq_codebook_size}", f"model.block_size={tok_cfg.num_all_queries}",
-             f"data.image_size={sampling.resolution(tok_cfg)[0]}"]
+             f"data.image_size={tok.resolution(tok_cfg)[0]}"]
     out, _ = run_worker({"task": "tiny_ar", "workdir": str(tmp_path / "w"), "steps": 60, "batch": 16,
                          "overrides": sizes + [f"tokenizer.checkpoint={tokenizer_dir}", "train.eval_every_steps=60",
                                        f"eval.inception={inception_dir / 'pt_inception_random.pth'}",

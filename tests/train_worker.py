@@ -185,7 +185,8 @@ def run_one(sub):
         out["evals"] = [r for r in rows if any(k.startswith("eval_") for k in r)]
         if sub.get("report_export"):
             from dar_jax.checkpoint import load_model
-            out["export_digest"] = params_digest(load_model(os.path.join(sub["workdir"], "model"))[2])
+            from dar_jax.pipeline import FAMILIES
+            out["export_digest"] = params_digest(load_model(os.path.join(sub["workdir"], "model"), FAMILIES)[2])
     if sub.get("report_shards"):
         _, state = restore_latest(trainer)
         out["digest"] = params_digest(state["params"])

@@ -14,11 +14,16 @@ from dar_jax.ar.generation import (CfgSchedule, GenState, Generation, SamplingEr
                                    sample_keys)
 from dar_jax.ar.model import (GPT, GPT_FN, GPT_SIZES, GPTConfig, bind, gpt_config,
                               graphdef_and_abstract)
+from dar_jax.ar.reference import gpt_key_map, load_reference_gpt
+from dar_jax.family import Family
 
 
 init_params = GPT_FN.init_params          # (cfg, key) -> params (pure dict, float32)
 abstract_params = GPT_FN.abstract_params  # (cfg) -> ShapeDtypeStruct pytree
 logical_axes = GPT_FN.logical_axes        # (cfg) -> logical axis names, like the params
+
+FAMILY = Family(kind="gpt", config_class=GPTConfig, init_params=init_params,
+                abstract_params=abstract_params, logical_axes=logical_axes, key_map=gpt_key_map)
 
 
 def forward(cfg: GPTConfig, params, tokens: jax.Array, labels: jax.Array, *,

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dar_jax.checkpoint import reference, store
+from dar_jax import ar, tokenizer
+from dar_jax.ar import reference
+from dar_jax.checkpoint import store
 from dar_jax.checkpoint.torch_pickle import find_state_dict, load_torch_file
 
 
@@ -25,15 +27,14 @@ def convert_gpt(src: str, dst: str, *, overwrite: bool = False, **size) -> str:
     sd = find_state_dict(load_torch_file(src), reference.GPT_STATE_KEYS, src)
     cfg = reference.gpt_config_from_state_dict(sd, where=f"GPT checkpoint {src}", **size)
     params = reference.gpt_params_from_state_dict(sd, cfg, where=f"GPT checkpoint {src}")
-    return store.save_model(dst, "gpt", cfg, params, extra={"converted_from": src},
+    return store.save_model(dst, ar.FAMILY, cfg, params, extra={"converted_from": src},
                             overwrite=overwrite, sources=(src,))
 
 
 def convert_tokenizer(src: str, dst: str, *, overwrite: bool = False) -> str:
-    from dar_jax.tokenizer import load_reference_tokenizer
     store.check_destination(dst, overwrite=overwrite, sources=(src,))
-    cfg, params = load_reference_tokenizer(src)
-    return store.save_model(dst, "tokenizer", cfg, params, extra={"converted_from": src},
+    cfg, params = tokenizer.load_reference_tokenizer(src)
+    return store.save_model(dst, tokenizer.FAMILY, cfg, params, extra={"converted_from": src},
                             overwrite=overwrite, sources=(src,))
 
 

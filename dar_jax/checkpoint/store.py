@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,37 +24,21 @@ import numpy as np
 from dar_jax.checkpoint.mapping import flat_paths
 from dar_jax.checkpoint.torch_pickle import CheckpointError
 from dar_jax.config import ConfigError, from_mapping, to_dict
+from dar_jax.family import Family
 
 FORMAT = "dar-jax-model"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
-# kind -> (config dataclass, abstract_params(cfg) -> ShapeDtypeStruct pytree)
-_KINDS: dict[str, tuple[type, Callable]] = {}
 
-
-def register_kind(kind: str, config_cls: type, abstract_params: Callable) -> None:
-    _KINDS[kind] = (config_cls, abstract_params)
-
-
-def _kind(kind: str):
-    if not _KINDS:
-        _register_builtin()
-    if kind not in _KINDS:
-        _register_builtin()
-    if kind not in _KINDS:
-        raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(_KINDS)}")
-    return _KINDS[kind]
-
-
-def _register_builtin():
-    from dar_jax import ar
-    register_kind("gpt", ar.GPTConfig, ar.abstract_params)
-    try:
-        from dar_jax import tokenizer
-        register_kind("tokenizer", tokenizer.TokenizerConfig, tokenizer.abstract_params)
-    except (ImportError, AttributeError):
-        pass
+def _family(meta_kind: str, families: Family | Sequence[Family], where: str) -> Family:
+    """The family among ``families`` whose kind a model folder records."""
+    families = (families,) if isinstance(families, Family) else tuple(families)
+    for fam in families:
+        if fam.kind == meta_kind:
+            return fam
+    want = " or ".join(repr(f.kind) for f in families)
+    raise CheckpointError(f"{where} holds a {meta_kind!r} model, expected {want}")
 
 
 def _checkpointer():
@@ -132,10 +116,10 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = False,
                           "write there; choose a new or empty folder")
 
 
-def save_model(path: str | os.PathLike, kind: str, config, params, extra: dict | None = None,
+def save_model(path: str | os.PathLike, family: Family, config, params, extra: dict | None = None,
                storage_dtype: str = "float32", *, overwrite: bool = False,
                sources: tuple = ()) -> str:
-    """Saves ``params`` and ``config`` (a dataclass of ``kind``) atomically at ``path``.
+    """Saves ``params`` and ``config`` (``family.config_class``) atomically at ``path``.
 
     ``path`` must be new or an empty folder; an existing dar-jax model folder is replaced only
     with ``overwrite`` (at every moment the complete old or new model is at ``path`` or at a
@@ -143,7 +127,9 @@ def save_model(path: str | os.PathLike, kind: str, config, params, extra: dict |
     ``storage_dtype="bfloat16"`` rounds floating parameters to bfloat16 on disk (shipping small
     models); :func:`load_model` restores them as the config's float32 parameters."""
     from dar_jax import io
-    _kind(kind)
+    if not isinstance(config, family.config_class):
+        raise CheckpointError(f"a {family.kind} model needs a {family.config_class.__name__}, got "
+                              f"{type(config).__name__}")
     if storage_dtype not in STORAGE_DTYPES:
         raise ConfigError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
     path = os.path.abspath(os.fspath(path))
@@ -154,7 +140,7 @@ def save_model(path: str | os.PathLike, kind: str, config, params, extra: dict |
 
     def fill(tmp):
         save_params(os.path.join(tmp, PARAMS_DIR), params)
-        meta = {"format": FORMAT, "kind": kind, "config": to_dict(config), "storage_dtype": storage_dtype}
+        meta = {"format": FORMAT, "kind": family.kind, "config": to_dict(config), "storage_dtype": storage_dtype}
         if extra:
             meta["extra"] = extra
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -163,14 +149,14 @@ def save_model(path: str | os.PathLike, kind: str, config, params, extra: dict |
     return io.write_dir(path, fill, replace=replace)
 
 
-def read_config(path: str | os.PathLike, kind: str):
-    """The config dataclass of a model folder (no parameters are read)."""
+def read_config(path: str | os.PathLike, families: Family | Sequence[Family]):
+    """(family, config dataclass) of a model folder whose kind is one of ``families`` (no
+    parameters are read)."""
     path = os.path.abspath(os.fspath(path))
     meta = read_model_meta(path)
-    if meta["kind"] != kind:
-        raise CheckpointError(f"{path} holds a {meta['kind']!r} model, expected {kind!r}")
+    fam = _family(meta["kind"], families, path)
     try:
-        return from_mapping(_kind(kind)[0], meta["config"], where=f"{path}/{CONFIG_FILE}")
+        return fam, from_mapping(fam.config_class, meta["config"], where=f"{path}/{CONFIG_FILE}")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -231,14 +217,11 @@ def restore_params(directory: str, abstract, where: str, shardings=None):
         raise CheckpointError(f"{where}: parameters unreadable or corrupt ({type(e).__name__}: {e})") from None
 
 
-def load_model(path: str | os.PathLike, kind: str | None = None) -> tuple[str, Any, Any]:
-    """Loads ``(kind, config, params)`` from a model directory written by :func:`save_model`."""
+def load_model(path: str | os.PathLike,
+               families: Family | Sequence[Family]) -> tuple[str, Any, Any]:
+    """Loads ``(kind, config, params)`` from a model directory written by :func:`save_model`;
+    its kind must be one of ``families`` (e.g. ``tokenizer.FAMILY``)."""
     path = os.path.abspath(os.fspath(path))
-    kind = kind or read_model_meta(path)["kind"]
-    cfg = read_config(path, kind)
-    params = restore_params(os.path.join(path, PARAMS_DIR), _kind(kind)[1](cfg), f"model {path}")
-    return kind, cfg, params
-
-
-def params_to_numpy(params):
-    return jax.tree.map(np.asarray, params)
+    fam, cfg = read_config(path, families)
+    params = restore_params(os.path.join(path, PARAMS_DIR), fam.abstract_params(cfg), f"model {path}")
+    return fam.kind, cfg, params

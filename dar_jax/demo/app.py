@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dar_jax.demo.engine import Engine, Frame, previews_image  # noqa: E402
-from dar_jax.sampling import SOLVERS  # noqa: E402
+from dar_jax.solvers import SOLVERS  # noqa: E402
 
 CSS = """
 #preview .image-frame img, #final .image-frame img, #previews .image-frame img {

@@ -21,7 +21,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from dar_jax import pipeline, sampling
+from dar_jax import pipeline, solvers
+from dar_jax import tokenizer as tok
 from dar_jax.ar import SamplingError, parse_cfg_scale
 from dar_jax.pipeline import PipelineError
 from dar_jax.sample_cli import make_grid, preview_sheet
@@ -85,11 +86,11 @@ class Engine:
         self.dtype = dtype
         self.max_images, self.max_steps, self.max_layout_pixels = max_images, max_steps, max_layout_pixels
         self.source = dict(source or {})
-        tok = models.tok_cfg
-        self.groups = int(tok.num_query_groups)
-        self.resolution = int(sampling.resolution(tok)[0])
+        tok_cfg = models.tok_cfg
+        self.groups = int(tok_cfg.num_query_groups)
+        self.resolution = int(tok.resolution(tok_cfg)[0])
         self.default_options = pipeline.SampleOptions(dtype=dtype)
-        self.default_steps = int(tok.num_denoising_steps)
+        self.default_steps = int(tok_cfg.num_denoising_steps)
         if not _compilations[1]:
             import jax
             jax.monitoring.register_event_duration_secs_listener(_count_compilations)
@@ -147,8 +148,8 @@ class Engine:
         if top_p <= 0:
             raise DemoInputError(f"top-p must lie in (0, 1], got {top_p!r}")
         try:
-            solver = sampling.canonical(str(_default(solver, o.solver)))
-        except sampling.SolverError as e:
+            solver = solvers.canonical(str(_default(solver, o.solver)))
+        except solvers.SolverError as e:
             raise DemoInputError(f"solver: {e}") from None
         steps = _integer("decoder steps", _default(steps, self.default_steps), 1, self.max_steps)
         k = _integer("layout groups (K)", _default(layout_groups, d["layout_groups"]), 0, self.groups)

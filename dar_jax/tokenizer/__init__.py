@@ -8,219 +8,46 @@
 Training pieces: :func:`encode_latents` (quantizer output with the straight-through estimator),
 :func:`quant_to_cond`, :func:`velocity` (one network evaluation, REPA features on request) and
 the flow-matching functions of :mod:`dar_jax.tokenizer.flow` / losses of
-:mod:`dar_jax.tokenizer.quantizer`. Streaming / group-by-group decoding: :mod:`dar_jax.sampling`.
+:mod:`dar_jax.tokenizer.quantizer`. Group-by-group (streaming) decoding, one compiled program
+for every range of steps (:mod:`dar_jax.tokenizer.sequential`)::
+
+    state = tokenizer.init_state(cfg, noise)
+    kv = tokenizer.cross_kv(cfg, params, cond)        # cond of the tokens known so far
+    state, preview = tokenizer.run_steps(cfg, params, kv, state, done, tokenizer.steps_ready(cfg, n))
+
+:data:`FAMILY` is the record the model store, the converters and the pipeline take.
 """
 from __future__ import annotations
 
-import functools
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from dar_jax.parallel.host import host_local_values
+from dar_jax.family import Family
 from dar_jax.tokenizer import flow, quantizer
 from dar_jax.tokenizer.config import (DiffDecoderConfig, ImageSizeError, TokenizerConfig,
                                       TokenizerInputError, tiny_config, tokenizer_config)
-from dar_jax.tokenizer.model import TOKENIZER_FN, Tokenizer, bind, graphdef_and_abstract
+from dar_jax.tokenizer.core import (CodeRangeError, ImageRangeError, abstract_params, check_codes,
+                                    check_images, codes_to_cond, codes_to_quant, encode,
+                                    encode_latents, init_params, logical_axes, num_params,
+                                    quant_to_cond, velocity)
+from dar_jax.tokenizer.model import Tokenizer, bind, graphdef_and_abstract
 from dar_jax.tokenizer.quantizer import Quantized
+from dar_jax.tokenizer.reference import (load_reference_tokenizer, read_reference_tokenizer,
+                                         tokenizer_key_map)
+from dar_jax.tokenizer.sequential import (DecodeError, DecodeState, check_size, cross_kv, decode,
+                                          init_state, postprocess, reconstruct, resolution,
+                                          run_steps, steps_ready, time_points, tokens_in_groups,
+                                          window_starts)
 
-
-class ImageRangeError(TokenizerInputError):
-    """Image values outside [-1, 1] where checking was asked for."""
-
-
-class CodeRangeError(TokenizerInputError):
-    """Codes outside the codebook."""
-
-
-# ----------------------------------------------------------------------------------------------
-# parameters
-# ----------------------------------------------------------------------------------------------
-init_params = TOKENIZER_FN.init_params          # (cfg, key) -> params (pure dict, float32)
-abstract_params = TOKENIZER_FN.abstract_params  # (cfg) -> ShapeDtypeStruct pytree
-logical_axes = TOKENIZER_FN.logical_axes        # (cfg) -> logical axis names, like the params
-
-
-def num_params(cfg: TokenizerConfig) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg))))
-
-
-# ----------------------------------------------------------------------------------------------
-# input checks (host side; shapes are checked also under jit, values only on concrete arrays)
-# ----------------------------------------------------------------------------------------------
-def _concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def check_images(cfg: TokenizerConfig, images, *, check_range: bool = False) -> None:
-    """images: (B, H, W, 3), H and W multiples of both patch sizes; values in [-1, 1] if asked."""
-    shape = tuple(np.shape(images))
-    if len(shape) != 4:
-        raise TokenizerInputError(f"images must be (B, H, W, 3) NHWC, got shape {shape}")
-    if shape[-1] != 3:
-        raise TokenizerInputError(f"images must have 3 channels (NHWC, RGB), got {shape[-1]} "
-                                  f"(shape {shape}; NCHW input must be transposed)")
-    cfg.check_image_size(shape[1], shape[2])
-    if check_range and _concrete(images):
-        arr = host_local_values(images)   # a global array: the rows this process holds
-        lo, hi = float(arr.min()), float(arr.max())
-        if not np.isfinite([lo, hi]).all() or lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-            raise ImageRangeError(f"image values must lie in [-1, 1], got [{lo:.4g}, {hi:.4g}]")
-
-
-def check_codes(cfg: TokenizerConfig, codes) -> None:
-    """codes: (B, N') integers in [0, vq_codebook_size), N' <= num_all_queries."""
-    shape = tuple(np.shape(codes))
-    if len(shape) != 2:
-        raise TokenizerInputError(f"codes must be (B, N), got shape {shape}")
-    if shape[1] > cfg.num_all_queries:
-        raise TokenizerInputError(f"{shape[1]} codes per image, the tokenizer has "
-                                  f"{cfg.num_all_queries} queries")
-    if not jnp.issubdtype(jnp.asarray(codes).dtype if _concrete(codes) else codes.dtype, jnp.integer):
-        raise TokenizerInputError(f"codes must be integers, got {codes.dtype}")
-    if _concrete(codes) and np.size(codes):
-        arr = host_local_values(codes)
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= cfg.vq_codebook_size:
-            raise CodeRangeError(f"codes must lie in [0, {cfg.vq_codebook_size}), got [{lo}, {hi}]")
-
-
-# ----------------------------------------------------------------------------------------------
-# encoder and quantizer
-# ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _latents(cfg, params, images, remat="none", target=None):
-    return bind(cfg, params).encode(images, remat=remat, target=target)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode(cfg, params, images, target=None):
-    model = bind(cfg, params)
-    return quantizer.quantize(model.encode(images, target=target), model.codebook[...]).codes
-
-
-def encode(cfg: TokenizerConfig, params, images, *, check_range: bool = False,
-           target=None) -> jax.Array:
-    """images (B, H, W, 3) in [-1, 1] -> codes (B, num_all_queries) int32. ``target``: the
-    ``dar_jax.parallel.Target`` of the program (default: the first device)."""
-    check_images(cfg, images, check_range=check_range)
-    return _encode(cfg, params, jnp.asarray(images), target)
-
-
-def _remat(cfg: TokenizerConfig, remat: str | bool | None) -> str:
-    from dar_jax.nn.remat import canonical
-    return cfg.remat_policy if remat is None else canonical(remat)
-
-
-def encode_latents(cfg: TokenizerConfig, params, images, *, check_range: bool = False,
-                   remat: str | bool | None = None, target=None) -> Quantized:
-    """Training-facing encode: Quantized(quant (straight-through), codes, z_norm, z_q), each
-    (B, N, vq_dim) except codes; differentiable w.r.t. params. ``remat`` (default: the config's
-    ``remat_policy``) rematerialises the blocks in the backward pass (``dar_jax.nn.remat``)."""
-    check_images(cfg, images, check_range=check_range)
-    z = _latents(cfg, params, jnp.asarray(images), _remat(cfg, remat), target)
-    return quantizer.quantize(z, params["codebook"])
-
-
-# ----------------------------------------------------------------------------------------------
-# decoder layers
-# ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _quant_to_cond(cfg, params, quant, remat="none", target=None):
-    return bind(cfg, params).decoder_layers_forward(quant, remat=remat, target=target)
-
-
-def quant_to_cond(cfg: TokenizerConfig, params, quant: jax.Array, *,
-                  remat: str | bool | None = None, target=None) -> jax.Array:
-    """Causal decoder layers: quant (B, N', vq_dim) -> cond (B, N', decoder_dim), N' <= N.
-    Causal, so cond[:, :k] depends only on quant[:, :k] (streaming, layout control)."""
-    if quant.ndim != 3 or quant.shape[-1] != cfg.vq_dim or quant.shape[1] > cfg.num_all_queries:
-        raise TokenizerInputError(f"quant must be (B, N <= {cfg.num_all_queries}, {cfg.vq_dim}), "
-                                  f"got {quant.shape}")
-    return _quant_to_cond(cfg, params, quant, _remat(cfg, remat), target)
-
-
-def codes_to_quant(cfg: TokenizerConfig, params, codes, *, check: bool = True) -> jax.Array:
-    """Normalised code vectors (B, N', vq_dim) of codes (B, N')."""
-    if check:
-        check_codes(cfg, codes)
-    return quantizer.lookup(jnp.asarray(codes, jnp.int32), params["codebook"])
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _codes_to_cond(cfg, params, codes, target=None):
-    model = bind(cfg, params)
-    return model.decoder_layers_forward(quantizer.lookup(codes, model.codebook[...]), target=target)
-
-
-def codes_to_cond(cfg: TokenizerConfig, params, codes, *, check: bool = True,
-                  target=None) -> jax.Array:
-    """codes (B, N') int -> cond (B, N', decoder_dim) float32 (N' <= num_all_queries)."""
-    if check:
-        check_codes(cfg, codes)
-    return _codes_to_cond(cfg, params, jnp.asarray(codes, jnp.int32), target)
-
-
-# ----------------------------------------------------------------------------------------------
-# diffusion network
-# ----------------------------------------------------------------------------------------------
-def velocity(cfg: TokenizerConfig, params, x_t: jax.Array, t: jax.Array, cond_group: jax.Array, *,
-             return_repa: bool = False, remat: str | bool | None = None, target=None):
-    """One evaluation of the diffusion network (pure; jit it, or call inside a jitted step).
-
-    x_t: (B, H, W, 3) (flow space: data x std); t: (B,) shifted time in [0, 1];
-    cond_group: (B, Lc, decoder_dim) condition window. Returns v (B, H, W, 3) float32, and with
-    ``return_repa`` also the REPA projection (B, L', 768) of the hidden state entering block
-    ``repa_layer`` (pooled by rows // 16, at least 1; needs ``cfg.repa_projector``). ``remat``
-    (default: the config's ``remat_policy``) rematerialises blocks in the backward pass.
-    """
-    net = bind(cfg, params).diff
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
-    return net(x_t, t, net.prepare_cond(cond_group, target), return_repa=return_repa,
-               remat=_remat(cfg, remat), target=target)
-
-
-def cond_kv(cfg: TokenizerConfig, params, cond: jax.Array, target=None):
-    """Per-block cross-attention keys/values of each cond token (what decode steps slice)."""
-    from dar_jax.sampling.sequential import prepare
-    return prepare(cfg, params, cond, target)
-
-
-# ----------------------------------------------------------------------------------------------
-# decode / reconstruct / checkpoints (implemented in dar_jax.sampling and dar_jax.checkpoint)
-# ----------------------------------------------------------------------------------------------
-def decode(cfg: TokenizerConfig, params, codes_or_cond, noise_or_key, solver: str = "adams2",
-           num_steps: int | None = None, preview_steps: int | None = None,
-           preview_groups: int | None = None, start_step: int | None = None,
-           start_image=None, size=None, check: bool = True, target=None) -> jax.Array:
-    """See :func:`dar_jax.sampling.decode` (images NHWC in data space, divided by data_std)."""
-    from dar_jax.sampling.sequential import decode as _decode
-    return _decode(cfg, params, codes_or_cond, noise_or_key, solver=solver, num_steps=num_steps,
-                   preview_steps=preview_steps, preview_groups=preview_groups,
-                   start_step=start_step, start_image=start_image, size=size, check=check,
-                   target=target)
-
-
-def reconstruct(cfg: TokenizerConfig, params, images, noise_or_key, *, solver: str = "adams2",
-                num_steps: int | None = None, check_range: bool = False) -> jax.Array:
-    """encode then decode at the images' resolution (at least sampling_resolution)."""
-    codes = encode(cfg, params, images, check_range=check_range)
-    return decode(cfg, params, codes, noise_or_key, solver=solver, num_steps=num_steps,
-                  size=tuple(np.shape(images)[1:3]))
-
-
-def load_reference_tokenizer(path, *, keep_repa: bool = True):
-    """(TokenizerConfig, params) from a reference D-AR tokenizer ``.pt`` (config inside; the REPA
-    projector is kept when the file has it, unless ``keep_repa=False``)."""
-    from dar_jax.checkpoint.reference_tokenizer import load_reference_tokenizer as _load
-    return _load(path, keep_repa=keep_repa)
-
+FAMILY = Family(kind="tokenizer", config_class=TokenizerConfig, init_params=init_params,
+                abstract_params=abstract_params, logical_axes=logical_axes,
+                key_map=tokenizer_key_map)
 
 __all__ = [
-    "TokenizerConfig", "DiffDecoderConfig", "tokenizer_config", "tiny_config", "Tokenizer", "bind",
-    "init_params", "abstract_params", "logical_axes", "num_params", "encode", "encode_latents",
-    "quant_to_cond", "codes_to_quant", "codes_to_cond", "velocity", "cond_kv", "decode",
-    "reconstruct", "load_reference_tokenizer", "check_images", "check_codes", "flow", "quantizer",
-    "Quantized", "TokenizerInputError", "ImageRangeError", "CodeRangeError", "ImageSizeError",
+    "FAMILY", "TokenizerConfig", "DiffDecoderConfig", "tokenizer_config", "tiny_config",
+    "Tokenizer", "bind", "graphdef_and_abstract", "init_params", "abstract_params",
+    "logical_axes", "num_params", "encode", "encode_latents", "quant_to_cond", "codes_to_quant",
+    "codes_to_cond", "velocity", "cross_kv", "decode", "reconstruct", "init_state", "run_steps",
+    "steps_ready", "tokens_in_groups", "time_points", "window_starts", "resolution", "check_size",
+    "postprocess", "DecodeState", "DecodeError", "load_reference_tokenizer",
+    "read_reference_tokenizer", "tokenizer_key_map", "check_images", "check_codes", "flow",
+    "quantizer", "Quantized", "TokenizerInputError", "ImageRangeError", "CodeRangeError",
+    "ImageSizeError",
 ]

@@ -32,7 +32,7 @@ def gpt_train_flops_per_example(cfg: ar.GPTConfig) -> float:
 
 
 class ARTask(Task):
-    kind = "gpt"
+    family = ar.FAMILY
 
     def __init__(self, cfg, tokenizer=None):
         """``tokenizer``: (TokenizerConfig, params) to tokenize images with instead of loading
@@ -47,7 +47,7 @@ class ARTask(Task):
                 tok_cfg, tok_params = tokenizer
             else:
                 from dar_jax.checkpoint import load_model
-                _, tok_cfg, tok_params = load_model(tok_path, kind="tokenizer")
+                _, tok_cfg, tok_params = load_model(tok_path, tok.FAMILY)
             if tok_cfg.vq_codebook_size != self.model_cfg.vocab_size:
                 raise ConfigError(f"tokenizer codebook ({tok_cfg.vq_codebook_size}) != GPT vocab_size "
                                   f"({self.model_cfg.vocab_size})")

@@ -56,7 +56,7 @@ class _UnusableCheckpoint(Exception):
 
 class Task:
     """Model-specific parts of training. Subclasses implement the abstract methods."""
-    kind: str = ""            # model kind for the exported model directory ("gpt", "tokenizer")
+    family: Any = None        # dar_jax.family.Family of the model (exported model directory)
     model_cfg: Any = None     # frozen dataclass of the model
     workdir: str | None = None  # set by the trainer (evaluation outputs go there)
 
@@ -324,7 +324,7 @@ class Trainer:
         compiled = self.lower_train_step(abstract_batch, consts, abstract).compile()
         log.info("train step compiled in %.1f s", time.perf_counter() - t0)
 
-        meta = {"kind": task.kind, "model_config": _dataclass_dict(task.model_cfg),
+        meta = {"kind": task.family.kind if task.family else "", "model_config": _dataclass_dict(task.model_cfg),
                 "run_config": as_plain(cfg)}
         log_every = int(_get(lg_cfg, "every_steps", 50))
         ckpt_every = int(_get(ck_cfg, "every_steps", 1000))
@@ -382,11 +382,11 @@ class Trainer:
         if bar is not None:
             bar.close()
         final = state.get("ema", state["params"]) if self.ema_decay > 0 else state["params"]
-        if task.kind:
+        if task.family is not None:
             # every process takes part in the gather (the params may span hosts); one writes
             host_params = parallel.gather_to_host(final)
             if self.is_main:
-                store.save_model(os.path.join(self.workdir, "model"), task.kind, task.model_cfg,
+                store.save_model(os.path.join(self.workdir, "model"), task.family, task.model_cfg,
                                  host_params, extra={"step": step, "ema": self.ema_decay > 0},
                                  storage_dtype=str(_get(self.cfg.checkpoint, "export_dtype", "float32")),
                                  overwrite=True)  # replaces only a previous export (check_workdir)

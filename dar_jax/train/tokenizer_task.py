@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dar_jax import sampling
 from dar_jax import tokenizer as tok
 from dar_jax.config import ConfigError, as_plain, from_mapping
 from dar_jax.tokenizer import flow, quantizer
@@ -112,7 +111,7 @@ class GanConfig:
 
 
 class TokenizerTask(Task):
-    kind = "tokenizer"
+    family = tok.FAMILY
 
     def __init__(self, cfg, abstract_perceptual: bool = False):
         """``abstract_perceptual``: LPIPS and (with ``model.repa_projector``) DINOv2 ViT-B/14 with
@@ -323,7 +322,7 @@ class TokenizerTask(Task):
 
         def decode(codes, **kw):
             """Decode of host codes (B, N) from the noise of ``key`` (as tok.decode draws it)."""
-            h, w = sampling.resolution(cfg, images.shape[1:3])
+            h, w = tok.resolution(cfg, images.shape[1:3])
             noise = np.asarray(jax.random.normal(key, (len(codes), h, w, 3), jnp.float32))
             out = tok.decode(cfg, params, parallel.put_batch(pad(codes), target),
                              parallel.put_batch(pad(noise), target), solver=ev.solver,

@@ -22,6 +22,8 @@ import numpy as np
 from dar_jax.checkpoint import mapping as M
 from dar_jax.checkpoint.torch_pickle import CheckpointError, find_state_dict, load_torch_file
 from dar_jax.config import ConfigError, from_mapping
+from dar_jax.tokenizer.config import TokenizerConfig
+from dar_jax.tokenizer.core import abstract_params
 
 STATE_KEYS = ("ema", "model")
 REPA_PREFIX = "diff_decoder.net.repa_out."
@@ -133,7 +135,6 @@ def _ignored(cfg):
 
 def config_from_reference(config: Mapping[str, Any], where: str = "tokenizer config"):
     """TokenizerConfig from a reference model config (every key checked)."""
-    from dar_jax.tokenizer.config import TokenizerConfig
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where}: the model config is not a mapping ({type(config).__name__})")
     return from_mapping(TokenizerConfig, config, where=where)
@@ -141,16 +142,14 @@ def config_from_reference(config: Mapping[str, Any], where: str = "tokenizer con
 
 def tokenizer_params_from_state_dict(state_dict, cfg, where: str = "tokenizer checkpoint"):
     """Params for ``cfg`` from a reference state dict (REPA kept iff cfg.repa_projector)."""
-    from dar_jax import tokenizer
     sd = M.strip_prefixes(state_dict)
-    return M.convert(sd, tokenizer_key_map(cfg), tokenizer.abstract_params(cfg), where,
+    return M.convert(sd, tokenizer_key_map(cfg), abstract_params(cfg), where,
                      ignore=_ignored(cfg))
 
 
 def check_tokenizer_shapes(shapes, cfg, where: str = "tokenizer listing") -> None:
     """Checks a {torch_key: shape} listing against ``cfg`` without allocating anything."""
-    from dar_jax import tokenizer
-    M.check_shapes(M.strip_prefixes(shapes), tokenizer_key_map(cfg), tokenizer.abstract_params(cfg),
+    M.check_shapes(M.strip_prefixes(shapes), tokenizer_key_map(cfg), abstract_params(cfg),
                    where, ignore=_ignored(cfg))
 
 

@@ -1,19 +1,20 @@
-"""Readers of the reference's (showlab/D-AR, LlamaGen) PyTorch checkpoints."""
+"""The GPT's reference key map and readers of the reference's (showlab/D-AR, LlamaGen) PyTorch
+checkpoints, with the GPT config inferred from a state dict's shapes."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 
-from dar_jax import ar
 from dar_jax.checkpoint import mapping as M
 from dar_jax.checkpoint.torch_pickle import CheckpointError, find_state_dict, load_torch_file
+from dar_jax.ar.model import GPT_FN, GPT_SIZES, GPTConfig, gpt_config
 from dar_jax.config import ConfigError
 
 GPT_STATE_KEYS = ("model", "module", "state_dict")
 
 
-def gpt_key_map(cfg: ar.GPTConfig) -> M.KeyMap:
+def gpt_key_map(cfg: GPTConfig) -> M.KeyMap:
     """torch key -> (param path, transform) for LlamaGen's c2i GPT."""
     d, h, hd = cfg.dim, cfg.n_head, cfg.head_dim
     km: M.KeyMap = {
@@ -40,17 +41,17 @@ def _gpt_ignored(key: str) -> bool:
     return ".kv_cache." in key or key == "freqs_cis"
 
 
-def gpt_params_from_state_dict(state_dict, cfg: ar.GPTConfig, where: str = "GPT checkpoint"):
+def gpt_params_from_state_dict(state_dict, cfg: GPTConfig, where: str = "GPT checkpoint"):
     sd = M.strip_prefixes(state_dict)
-    return M.convert(sd, gpt_key_map(cfg), ar.abstract_params(cfg), where, ignore=_gpt_ignored)
+    return M.convert(sd, gpt_key_map(cfg), GPT_FN.abstract_params(cfg), where, ignore=_gpt_ignored)
 
 
-def check_gpt_shapes(shapes, cfg: ar.GPTConfig, where: str = "GPT listing") -> None:
-    M.check_shapes(M.strip_prefixes(shapes), gpt_key_map(cfg), ar.abstract_params(cfg), where,
+def check_gpt_shapes(shapes, cfg: GPTConfig, where: str = "GPT listing") -> None:
+    M.check_shapes(M.strip_prefixes(shapes), gpt_key_map(cfg), GPT_FN.abstract_params(cfg), where,
                    ignore=_gpt_ignored)
 
 
-def load_reference_gpt(path: str | os.PathLike, cfg: ar.GPTConfig):
+def load_reference_gpt(path: str | os.PathLike, cfg: GPTConfig):
     """Params for ``cfg`` from a LlamaGen / D-AR GPT ``.pt`` (state dict under model/module/...)."""
     ckpt = load_torch_file(path)
     sd = find_state_dict(ckpt, GPT_STATE_KEYS, str(path))
@@ -94,7 +95,7 @@ def gpt_config_from_state_dict(state_dict, *, gpt_model: str | None = None, dim:
                                n_layer: int | None = None, n_head: int | None = None,
                                block_size: int | None = None, num_classes: int | None = None,
                                vocab_size: int | None = None, default_block_size: int = 256,
-                               where: str = "the GPT checkpoint") -> ar.GPTConfig:
+                               where: str = "the GPT checkpoint") -> GPTConfig:
     """The GPT config of a reference state dict: one place for convert, sample.py and evaluate.
 
     dim, layers, FFN width, vocabulary and classes come from the shapes; ``n_head`` defaults to
@@ -109,9 +110,9 @@ def gpt_config_from_state_dict(state_dict, *, gpt_model: str | None = None, dim:
                                   f"{key}={seen[key]}")
     heads = n_head
     if gpt_model is not None:
-        if gpt_model not in ar.GPT_SIZES:
-            raise CheckpointError(f"unknown GPT size {gpt_model!r}; known: {sorted(ar.GPT_SIZES)}")
-        size = ar.GPT_SIZES[gpt_model]
+        if gpt_model not in GPT_SIZES:
+            raise CheckpointError(f"unknown GPT size {gpt_model!r}; known: {sorted(GPT_SIZES)}")
+        size = GPT_SIZES[gpt_model]
         bad = [k for k in ("dim", "n_layer") if size[k] != seen[k]]
         if bad:
             raise CheckpointError(
@@ -125,7 +126,7 @@ def gpt_config_from_state_dict(state_dict, *, gpt_model: str | None = None, dim:
     if seen["dim"] % heads:
         raise CheckpointError(f"--n-head {heads} does not divide the dim {seen['dim']} of {where}")
     try:
-        return ar.gpt_config(dim=seen["dim"], n_layer=seen["n_layer"], n_head=heads,
+        return gpt_config(dim=seen["dim"], n_layer=seen["n_layer"], n_head=heads,
                              vocab_size=seen["vocab_size"], num_classes=seen["num_classes"],
                              block_size=block_size or default_block_size,
                              **_ffn_options(seen["dim"], seen["ffn_hidden"]))
@@ -133,9 +134,9 @@ def gpt_config_from_state_dict(state_dict, *, gpt_model: str | None = None, dim:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def check_size_flags(cfg: ar.GPTConfig, where: str, **flags) -> None:
+def check_size_flags(cfg: GPTConfig, where: str, **flags) -> None:
     """Size flags given for a model whose config is known (a model folder) must agree with it."""
-    named = ar.GPT_SIZES.get(flags.get("gpt_model") or "", {})
+    named = GPT_SIZES.get(flags.get("gpt_model") or "", {})
     for key in GPT_SIZE_FLAGS:
         value = flags.get(key)
         if value is None:
@@ -143,7 +144,7 @@ def check_size_flags(cfg: ar.GPTConfig, where: str, **flags) -> None:
         have = {k: getattr(cfg, k) for k in named} if key == "gpt_model" else {key: getattr(cfg, key)}
         want = named if key == "gpt_model" else {key: value}
         if key == "gpt_model" and not named:
-            raise CheckpointError(f"unknown GPT size {value!r}; known: {sorted(ar.GPT_SIZES)}")
+            raise CheckpointError(f"unknown GPT size {value!r}; known: {sorted(GPT_SIZES)}")
         if have != want:
             raise CheckpointError(f"{_FLAG[key]} {value} contradicts {where}, whose config has "
                                   f"{', '.join(f'{k}={v}' for k, v in have.items())}")

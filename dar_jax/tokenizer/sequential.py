@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dar_jax.nn.resize import resize_bicubic
-from dar_jax.sampling import solvers as S
+from dar_jax import solvers as S
 from dar_jax.tokenizer.config import TokenizerConfig
+from dar_jax.tokenizer.core import codes_to_cond, encode
 from dar_jax.tokenizer.model import bind
 
 
@@ -100,7 +101,7 @@ def init_state(cfg: TokenizerConfig, noise: jax.Array, *, num_steps: int | None 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def prepare(cfg: TokenizerConfig, params, cond: jax.Array, target=None):
+def cross_kv(cfg: TokenizerConfig, params, cond: jax.Array, target=None):
     """Per-block cross-attention keys/values of every condition token (computed once per cond).
     cond: (B, N', D) -> tuple over blocks of (k, v), each (B, N', heads, 64)."""
     return bind(cfg, params).diff.prepare_cond(cond, target)
@@ -155,7 +156,7 @@ def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop,
               solver: str = "adams2", num_steps: int | None = None, target=None):
     """Runs steps [start, stop) from ``state`` (at time point ``start``).
 
-    kv: :func:`prepare` of the condition (only the windows of these steps must be final).
+    kv: :func:`cross_kv` of the condition (only the windows of these steps must be final).
     Returns (state at time point ``stop``, preview (B, H', W', 3) in data space): the preview is
     the reference's ``clip_steps=stop`` image, i.e. step stop-1 jumping to t = 1 (for
     ``stop == num_steps`` it is the final image), resized to ``output_resolution`` if set.
@@ -230,14 +231,13 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
     token groups (the steps whose windows they cover). start_step=j with start_image: partial
     decode from x = x0 (1 - t_j) + start_image std t_j.
     """
-    from dar_jax import tokenizer as T  # late import: the package imports this module
     num_steps = int(num_steps or cfg.num_denoising_steps)
     if num_steps < 1:
         raise DecodeError(f"num_steps must be >= 1, got {num_steps}")
     solver = S.canonical(solver)
     codes_or_cond = jnp.asarray(codes_or_cond)
     if jnp.issubdtype(codes_or_cond.dtype, jnp.integer):
-        cond = T.codes_to_cond(cfg, params, codes_or_cond, check=check, target=target)
+        cond = codes_to_cond(cfg, params, codes_or_cond, check=check, target=target)
     else:
         cond = codes_or_cond
         if cond.ndim != 3 or cond.shape[-1] != cfg.decoder_dim:
@@ -280,3 +280,11 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
     state = init_state(cfg, noise, num_steps=num_steps, start_step=start, start_image=start_image)
     return _decode(params, cond, state.x, jnp.int32(start), jnp.int32(stop), cfg=cfg,
                    solver=solver, num_steps=num_steps, target=target)
+
+
+def reconstruct(cfg: TokenizerConfig, params, images, noise_or_key, *, solver: str = "adams2",
+                num_steps: int | None = None, check_range: bool = False) -> jax.Array:
+    """encode then decode at the images' resolution (at least sampling_resolution)."""
+    codes = encode(cfg, params, images, check_range=check_range)
+    return decode(cfg, params, codes, noise_or_key, solver=solver, num_steps=num_steps,
+                  size=tuple(np.shape(images)[1:3]))
