@@ -24,7 +24,7 @@ import common  # noqa: E402
 
 from dar_jax.config import load_config  # noqa: E402
 from dar_jax.parallel import default_target  # noqa: E402
-from dar_jax.train import dinov2, lpips  # noqa: E402
+from dar_jax.perceptual import dinov2, lpips  # noqa: E402
 from dar_jax.train.loop import new_train_state  # noqa: E402
 from dar_jax.train.metrics import mfu  # noqa: E402
 from dar_jax.train.optim import make_optimizer  # noqa: E402

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from dar_jax.errors import DarError
 from dar_jax.config import ConfigError
 from dar_jax.hardware import Topology, TopologyError, parse_topology
 
@@ -47,7 +48,7 @@ GIB = 2 ** 30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
-class AOTError(ValueError):
+class AOTError(DarError, ValueError):
     """A compile request that cannot be served (topology, libtpu, configs)."""
 
 

@@ -19,8 +19,10 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from dar_jax.errors import DarError
 
-class ConfigError(ValueError):
+
+class ConfigError(DarError, ValueError):
     """A config that cannot be used: unknown key, wrong type, missing file."""
 
 
@@ -141,13 +143,6 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
             node[last] = value
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot set {key!r} to {text!r}: {e}") from None
-
-
-def check_keys(cfg: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    """Raises :class:`ConfigError` naming keys of ``cfg`` outside ``allowed``."""
-    unknown = sorted(set(cfg) - set(allowed))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed keys: {sorted(allowed)}")
 
 
 def as_plain(x):

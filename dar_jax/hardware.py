@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from dar_jax.errors import DarError
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -31,7 +33,7 @@ TPU_CHIPS = {
 H100_SXM_BF16_TFLOPS = 989.0
 
 
-class TopologyError(ValueError):
+class TopologyError(DarError, ValueError):
     """A topology name that is not a Cloud TPU slice."""
 
 

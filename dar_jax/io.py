@@ -11,8 +11,10 @@ import shutil
 import uuid
 from typing import BinaryIO, Callable
 
+from dar_jax.errors import DarError
 
-class PathError(ValueError):
+
+class PathError(DarError, ValueError):
     """An output path that cannot be written (a file where a folder should be, no permission)."""
 
 

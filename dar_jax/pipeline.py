@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dar_jax.errors import DarError
 from dar_jax import ar, solvers
 from dar_jax import tokenizer as tok
 from dar_jax.family import Family
 
 
-class PipelineError(ValueError):
+class PipelineError(DarError, ValueError):
     """Models or options that do not fit together (one line, for the CLI)."""
 
 

@@ -22,13 +22,15 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dar_jax.errors import DarError
+
 SOLVERS = ("euler", "adams2", "heun", "dpmpp_2m")
 ALIASES = {"dpm++": "dpmpp_2m", "dpm++2m": "dpmpp_2m", "dpm++_2m": "dpmpp_2m", "dpmpp": "dpmpp_2m",
            "dpm-solver++": "dpmpp_2m"}
 EVALS_PER_STEP = {"euler": 1, "adams2": 1, "heun": 2, "dpmpp_2m": 1}
 
 
-class SolverError(ValueError):
+class SolverError(DarError, ValueError):
     """An unknown solver or an impossible step schedule."""
 
 

@@ -54,9 +54,7 @@ def main() -> None:
     for s in range(0, a.num, a.batch_size):
         batch = test[s:s + a.batch_size]
         recon.append(np.asarray(tok.reconstruct(m.tok_cfg, m.tok_params, batch, pipeline.noise_for(m, pipeline.sample_keys(a.seed + 1, len(batch), s)))))
-    recon = np.clip(np.concatenate(recon), -1, 1)
-    mse = ((recon - test) ** 2).mean(axis=(1, 2, 3))
-    psnr = float(np.mean(10 * np.log10(4.0 / np.maximum(mse, 1e-12))))
+    psnr = float(np.mean(metrics.psnr(np.concatenate(recon), test)))
     f = lambda x: metrics.compute_stats(sc.feature_batches(clf, x))
     fd_gen = metrics.frechet_distance(f(gen), f(test))
     fd_floor = metrics.frechet_distance(f(val), f(test))

@@ -18,7 +18,7 @@ import torch_format
 from conftest import PERCEPTUAL_DIR
 from dar_jax.checkpoint import CheckpointError, load_torch_file
 from dar_jax.nn import resize
-from dar_jax.train import dinov2, lpips
+from dar_jax.perceptual import dinov2, lpips
 
 RTOL = 1e-4
 

@@ -11,8 +11,9 @@ import pytest
 
 from conftest import PERCEPTUAL_DIR, REPO
 from dar_jax.tokenizer import flow, quantizer
-from dar_jax.train import gan
-from dar_jax.train.tokenizer_task import entropy_loss, psnr, ssim
+from dar_jax.perceptual import gan
+from dar_jax.evaluate.metrics import psnr, ssim
+from dar_jax.train.tokenizer_task import entropy_loss
 from test_train import run_worker
 
 

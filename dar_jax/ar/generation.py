@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dar_jax.errors import DarError
 from dar_jax.ar.model import GPTConfig, bind
 from dar_jax.parallel.host import host_local_values
 from dar_jax.parallel.target import Target, default_target
 
 
-class SamplingError(ValueError):
+class SamplingError(DarError, ValueError):
     """Bad generation options or inputs."""
 
 

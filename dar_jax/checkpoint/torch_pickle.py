@@ -19,8 +19,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from dar_jax.errors import DarError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(DarError, ValueError):
     """A checkpoint that cannot be read or does not match the model."""
 
 

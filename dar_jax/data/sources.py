@@ -15,12 +15,14 @@ import io
 import os
 
 import numpy as np
+
+from dar_jax.errors import DarError
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DataError(ValueError):
+class DataError(DarError, ValueError):
     """A dataset that cannot be used: missing path, empty folder, unknown name, bad shapes."""
 
 

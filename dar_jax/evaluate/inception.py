@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dar_jax.errors import DarError
 from dar_jax.checkpoint import mapping as M
 from dar_jax.checkpoint.torch_pickle import find_state_dict, load_torch_file
 from dar_jax.config import ConfigError
@@ -46,7 +47,7 @@ BN_EPS = 1e-3
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class ImageInputError(ValueError):
+class ImageInputError(DarError, ValueError):
     """Images with the wrong layout, dtype or value range for the Inception network."""
 
 

@@ -1,4 +1,5 @@
-"""FID, Inception Score, precision/recall, and reference statistics (ADM suite conventions).
+"""FID, Inception Score, precision/recall, and reference statistics (ADM suite conventions); PSNR
+and SSIM of reconstructions.
 
     stats = RunningStats()                       # float64 on the host, streaming
     for batch in ...: stats.update(extract(batch).pool3)
@@ -23,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dar_jax.errors import DarError
+
 HIGHEST = jax.lax.Precision.HIGHEST
 REFERENCE_FORMAT = "dar_jax.reference_stats.v1"
 
 
-class MetricInputError(ValueError):
+class MetricInputError(DarError, ValueError):
     """Features, logits or statistics that a metric cannot use (sizes, counts, values)."""
 
 
@@ -486,3 +489,41 @@ def evaluate_features(samples: ReferenceStats | np.ndarray, sample_logits: np.nd
         out["precision"], out["recall"] = precision_recall(
             ref.activations, samples.activations, k, block_size, distance_dtype)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# reconstruction: PSNR and SSIM of image pairs (NHWC in [-1, 1])
+# ----------------------------------------------------------------------------------------------
+def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak 2)."""
+    mse = jnp.mean((jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)) ** 2, axis=(1, 2, 3))
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+def ssim(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-image SSIM (Gaussian window 11, sigma 1.5, on [0, 1] images, channel mean)."""
+    x = (jnp.clip(x, -1, 1) + 1) / 2
+    y = (jnp.clip(y, -1, 1) + 1) / 2
+    size = min(11, x.shape[1], x.shape[2])
+    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * 1.5 ** 2))
+    g = jnp.asarray(g / g.sum(), jnp.float32)
+
+    def blur(a):
+        return _sep_blur(a, g)
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx ** 2
+    syy = blur(y * y) - my ** 2
+    sxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return s.mean(axis=(1, 2, 3))
+
+
+def _sep_blur(a, g):
+    """Valid separable blur of (B, H, W, C) with the 1-D kernel g."""
+    k = g.shape[0]
+    h = jnp.stack([a[:, i:a.shape[1] - k + 1 + i] for i in range(k)], 0)
+    a = jnp.tensordot(g, h, axes=(0, 0))
+    w = jnp.stack([a[:, :, i:a.shape[2] - k + 1 + i] for i in range(k)], 0)
+    return jnp.tensordot(g, w, axes=(0, 0))

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
+from dar_jax.errors import DarError
 from dar_jax.evaluate import metrics
 from dar_jax.pipeline import to_uint8  # noqa: F401  (re-exported: the protocol's conversion)
 
@@ -36,7 +37,7 @@ LABELS = "labels.npy"
 LABEL_MODES = ("random", "balanced")
 
 
-class ShardError(ValueError):
+class ShardError(DarError, ValueError):
     """A shard directory or generated batch that does not fit the plan."""
 
 

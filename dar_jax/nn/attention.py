@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from dar_jax.errors import DarError
 from dar_jax.kernels import AUTO_ORDER, IMPLEMENTATIONS
 from dar_jax.kernels.xla import mask_array, xla_attention
 from dar_jax.parallel.target import Target, default_target
@@ -44,7 +45,7 @@ MASK_KINDS = ("none", "causal", "prefix_causal", "decode")
 log = logging.getLogger(__name__)
 
 
-class AttentionError(ValueError):
+class AttentionError(DarError, ValueError):
     """An attention call that cannot be served as asked."""
 
 

@@ -1,5 +1,5 @@
 """Meshes, logical-axis sharding rules and multi-host start-up (used by train, sample, evaluate)."""
-from dar_jax.parallel.distributed import initialize, is_main_process
+from dar_jax.parallel.distributed import initialize
 from dar_jax.parallel.host import (batch_sharding, gather_to_host, host_local_values, put_batch,
                                    put_global, put_replicated)
 from dar_jax.parallel.mesh import MESH_AXES, local_mesh, make_mesh, resolve_mesh_shape

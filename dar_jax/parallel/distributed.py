@@ -34,6 +34,3 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
 
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0

@@ -102,8 +102,10 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules
 def shardings_like_params(tree_abstract, param_shardings, mesh: Mesh):
     """Shardings for a tree (e.g. optimizer state) whose leaves mirror parameters.
 
-    A leaf whose key path ends with a parameter's path (and has its shape) gets that
-    parameter's sharding; every other leaf (counters, scalars) is replicated.
+    A leaf whose key path ends with a parameter's path gets that parameter's sharding (optax
+    states hold moments under the params' own paths); every other leaf (counters, scalars) is
+    replicated. Shapes are not compared: a state whose leaves under a parameter's path differ
+    from it in shape would need its own rule.
     """
     by_path = {}
     for path, sh in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from dar_jax.errors import DarError
 from dar_jax.config import ConfigError, from_mapping
 from dar_jax.nn.remat import canonical as remat_canonical
 
@@ -157,10 +158,6 @@ class TokenizerConfig:
     def time_shift(self) -> float:
         return self.diff_decoder.time_shift
 
-    @property
-    def num_groups(self) -> int:
-        return self.num_query_groups
-
     def check_image_size(self, height: int, width: int) -> None:
         for p, what in ((self.encoder_patch_size, "encoder"), (self.diff_decoder.patch_size, "decoder")):
             if height % p or width % p:
@@ -168,7 +165,7 @@ class TokenizerConfig:
                                      f"patch size {p}")
 
 
-class TokenizerInputError(ValueError):
+class TokenizerInputError(DarError, ValueError):
     """Images or codes the tokenizer cannot take (shape, channels, range, codebook)."""
 
 

@@ -38,14 +38,14 @@ ACT = ("batch", "length", "embed")
 ACT_HEADS = ("batch", "length", "heads", "head_dim")
 
 
+def uniform_init(bound: float):
+    """An initializer drawing U(-bound, bound)."""
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def torch_default(fan_in: int):
     """torch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def _uniform(bound: float):
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return uniform_init(1.0 / math.sqrt(fan_in))
 
 
 def norm(x: jax.Array) -> jax.Array:
@@ -351,7 +351,7 @@ class Tokenizer(nnx.Module):
                                         for _ in range(cfg.num_encoder_layers)])
         self.quant_in = L.param(torch_default(de)(rngs.params(), (de, cfg.vq_dim)), (L.EMBED, None))
         n_e = cfg.vq_codebook_size
-        code = _uniform(1.0 / n_e)(rngs.params(), (n_e, cfg.vq_dim))
+        code = uniform_init(1.0 / n_e)(rngs.params(), (n_e, cfg.vq_dim))
         self.codebook = L.param(code / jnp.linalg.norm(code, axis=-1, keepdims=True), (L.VOCAB, None))
         self.quant_out = L.param(torch_default(cfg.vq_dim)(rngs.params(), (cfg.vq_dim, dd)),
                                  (None, L.EMBED))

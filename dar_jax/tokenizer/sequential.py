@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dar_jax.errors import DarError
 from dar_jax.nn.resize import resize_bicubic
 from dar_jax import solvers as S
 from dar_jax.tokenizer.config import TokenizerConfig
@@ -29,7 +30,7 @@ from dar_jax.tokenizer.core import codes_to_cond, encode
 from dar_jax.tokenizer.model import bind
 
 
-class DecodeError(ValueError):
+class DecodeError(DarError, ValueError):
     """Decode arguments that cannot be served (shapes, step ranges, solver)."""
 
 

@@ -13,7 +13,6 @@ another model shape is not corrupt: it is an error naming the first key that dif
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -192,8 +191,3 @@ class TrainCheckpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def read_meta(directory: str, step: int) -> dict:
-    path = os.path.join(directory, str(step), "meta", "metadata")
-    with open(path) as f:
-        return json.load(f)

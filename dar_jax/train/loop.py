@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dar_jax.errors import DarError
 from dar_jax import parallel
 from dar_jax.checkpoint import store
 from dar_jax.config import ConfigError, as_plain
@@ -37,7 +38,7 @@ from dar_jax.train.optim import make_optimizer
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(DarError, RuntimeError):
     """A non-finite loss, grad norm or parameters: training stopped, the last good checkpoint is
     kept as the latest."""
 

@@ -21,8 +21,10 @@ import optax
 
 from dar_jax import tokenizer as tok
 from dar_jax.config import ConfigError, as_plain, from_mapping
+from dar_jax.evaluate.metrics import psnr, ssim
 from dar_jax.tokenizer import flow, quantizer
-from dar_jax.train import gan
+from dar_jax.tokenizer.config import USAGE_BUFFER
+from dar_jax.perceptual import gan
 from dar_jax.train.loop import Task
 
 log = logging.getLogger(__name__)
@@ -43,41 +45,6 @@ def entropy_loss(z_norm: jax.Array, codebook: jax.Array, temperature: float = 0.
     log_probs = jax.nn.log_softmax(logits + 1e-5, -1)
     avg = probs.mean(0)
     return -jnp.mean(jnp.sum(probs * log_probs, -1)) + jnp.sum(avg * jnp.log(avg + 1e-5))
-
-
-def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak 2)."""
-    mse = jnp.mean((jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)) ** 2, axis=(1, 2, 3))
-    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
-
-
-def ssim(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Per-image SSIM (Gaussian window 11, sigma 1.5, on [0, 1] images, channel mean)."""
-    x = (jnp.clip(x, -1, 1) + 1) / 2
-    y = (jnp.clip(y, -1, 1) + 1) / 2
-    size = min(11, x.shape[1], x.shape[2])
-    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * 1.5 ** 2))
-    g = jnp.asarray(g / g.sum(), jnp.float32)
-
-    def blur(a):
-        return _sep_blur(a, g)
-
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    mx, my = blur(x), blur(y)
-    sxx = blur(x * x) - mx ** 2
-    syy = blur(y * y) - my ** 2
-    sxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
-    return s.mean(axis=(1, 2, 3))
-
-
-def _sep_blur(a, g):
-    """Valid separable blur of (B, H, W, C) with the 1-D kernel g."""
-    k = g.shape[0]
-    h = jnp.stack([a[:, i:a.shape[1] - k + 1 + i] for i in range(k)], 0)
-    a = jnp.tensordot(g, h, axes=(0, 0))
-    w = jnp.stack([a[:, :, i:a.shape[2] - k + 1 + i] for i in range(k)], 0)
-    return jnp.tensordot(g, w, axes=(0, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +91,7 @@ class TokenizerTask(Task):
         p = cfg.perceptual
         self.lpips = self.dino = None
         if abstract_perceptual:
-            from dar_jax.train import dinov2, lpips
+            from dar_jax.perceptual import dinov2, lpips
             self.lpips = lpips.abstract_params()
             if self.model_cfg.repa_projector:
                 dcfg = dinov2.dinov2_config("vitb14")
@@ -132,14 +99,14 @@ class TokenizerTask(Task):
         elif p.lpips_vgg or p.lpips_heads:
             if not (p.lpips_vgg and p.lpips_heads):
                 raise ConfigError("LPIPS needs both perceptual.lpips_vgg and perceptual.lpips_heads")
-            from dar_jax.train.lpips import load_lpips
+            from dar_jax.perceptual.lpips import load_lpips
             self.lpips = load_lpips(p.lpips_vgg, p.lpips_heads)
         else:
             log.info("LPIPS loss off: perceptual.lpips_vgg / lpips_heads not configured")
         if abstract_perceptual:
             pass
         elif p.dinov2:
-            from dar_jax.train.dinov2 import load_dinov2
+            from dar_jax.perceptual.dinov2 import load_dinov2
             self.dino = load_dinov2(p.dinov2)
             if not self.model_cfg.repa_projector:
                 raise ConfigError("REPA is configured (perceptual.dinov2) but model.repa_projector is false")
@@ -163,7 +130,7 @@ class TokenizerTask(Task):
         return tok.logical_axes(self.model_cfg)
 
     def init_extra(self, key, params):
-        extra = {"usage": jnp.full((quantizer_usage_len(),), self.model_cfg.vq_codebook_size, jnp.int32)}
+        extra = {"usage": jnp.full((USAGE_BUFFER,), self.model_cfg.vq_codebook_size, jnp.int32)}
         if self.gan_cfg.enabled:
             disc = gan.init_params(self.disc_cfg, key)
             extra["disc"] = disc
@@ -205,14 +172,14 @@ class TokenizerTask(Task):
         total = lc.codebook_weight * codebook_terms + fm
         metrics["fm_loss"] = fm
         if self.lpips is not None:
-            from dar_jax.train.lpips import lpips
+            from dar_jax.perceptual.lpips import lpips
             # the VGG convolutions in the model's compute dtype (bf16 for the v1 recipe, as under
             # the reference's autocast); normalisation and heads stay float32
             p_loss = jnp.mean(lpips(consts["lpips"], images, fake, dtype=jnp.dtype(cfg.dtype)))
             total = total + abs(lc.perceptual_weight) * p_loss
             metrics["perceptual_loss"] = p_loss
         if use_repa:
-            from dar_jax.train import dinov2
+            from dar_jax.perceptual import dinov2
             dcfg = self.dino[0]
             target = jax.lax.stop_gradient(
                 dinov2.patch_tokens(dcfg, consts["dino"], dinov2.repa_preprocess(images), target))
@@ -353,11 +320,6 @@ class TokenizerTask(Task):
                 writer.write_images(step, "eval/reconstructions", grid)
                 writer.write_images(step, "eval/previews", strip)
         return out
-
-
-def quantizer_usage_len() -> int:
-    from dar_jax.tokenizer.config import USAGE_BUFFER
-    return USAGE_BUFFER
 
 
 def _block_flops(tokens: int, d: int, ctx: float) -> float:
