@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import re
@@ -635,7 +634,7 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
     def whole(gpt_params, tok_params, labels, keys):
         inp = inputs(labels, keys)
         tokens = G._generate(gpt_cfg, st, gpt_params, inp)
-        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (h, w, 3)))(inp.keys)
+        noise = pipeline.decode_noise(inp.keys, h, w)
         model = tok.bind(tok_cfg, tok_params)
         cond = model.decoder_layers_forward(tok.quantizer.lookup(tokens, model.codebook[...]),
                                             target=target)
@@ -755,11 +754,10 @@ def _save(compiled, path: str) -> None:
     """The serialized executable (jax.experimental.serialize_executable), written atomically."""
     from jax.experimental.serialize_executable import serialize
     import pickle
+    from dar_jax import io
     payload, in_tree, out_tree = serialize(compiled)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump({"executable": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
-    os.replace(tmp, path)
+    io.write_file(path, lambda f: pickle.dump({"executable": payload, "in_tree": in_tree,
+                                                "out_tree": out_tree}, f))
 
 
 def format_table(report: dict) -> str:
@@ -839,10 +837,8 @@ def run(args, overrides) -> dict:
     report["command"] = " ".join(["python -m dar_jax.aot"] + sys.argv[1:])
     print(format_table(report))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        os.replace(tmp, args.json)
+        from dar_jax import io
+        io.write_json(args.json, report, default=str)
     return report
 
 

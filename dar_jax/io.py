@@ -1,4 +1,5 @@
-"""Writing without losing what was there: atomic files and directories, output path checks.
+"""Writing without losing what was there: atomic files and directories, output path checks, and
+the image sheets the tools write (grids of samples, rows of previews) as atomic PNGs.
 
 Every writer of dar-jax goes through here. A file or directory is written to a temporary sibling
 (``<path>.tmp-<random>``, created with the user's umask) and renamed into place, so a crash never
@@ -6,10 +7,14 @@ leaves a half-written file where a good one was, and a failed write removes its 
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import uuid
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
 
 from dar_jax.errors import DarError
 
@@ -122,3 +127,52 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> str
         raise PathError(f"cannot write {what} {path}: it is a directory")
     check_output_dir(os.path.dirname(path), "folder")
     return path
+
+
+def move_aside(path: str | os.PathLike, tag: str) -> str:
+    """Renames ``path`` (ours, found unusable) to ``<path>.<tag>`` or, if taken,
+    ``<path>.<tag>-2``, ``-3``, ...: kept for the user to inspect, never deleted. Returns the new
+    name."""
+    path = os.fspath(path)
+    dst, n = f"{path}.{tag}", 1
+    while os.path.lexists(dst):
+        n += 1
+        dst = f"{path}.{tag}-{n}"
+    os.rename(path, dst)
+    return dst
+
+
+def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs) -> str:
+    """Atomically writes ``obj`` as JSON (indent 1 unless given)."""
+    dump_kwargs.setdefault("indent", 1)
+    text = json.dumps(obj, **dump_kwargs).encode()
+    return write_file(path, lambda f: f.write(text))
+
+
+# ----------------------------------------------------------------------------------------------
+# image sheets (uint8 NHWC)
+# ----------------------------------------------------------------------------------------------
+def grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """(N, H, W, C) -> one image, ``cols`` per row (default: ceil(sqrt(N)); empty cells black)."""
+    n, h, w, c = images.shape
+    cols = cols or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    out = np.zeros((rows * h, cols * w, c), images.dtype)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        out[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    return out
+
+
+def sheet(rows: np.ndarray) -> np.ndarray:
+    """(R, C, H, W, ch) -> (R H, C W, ch): row r holds rows[r]'s C images side by side (a strip
+    of previews per image, or originals above reconstructions)."""
+    rows = np.asarray(rows)
+    r, c, h, w, ch = rows.shape
+    return rows.transpose(0, 2, 1, 3, 4).reshape(r * h, c * w, ch)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> str:
+    """Atomically writes a uint8 (H, W, 3) image as a lossless PNG."""
+    from PIL import Image
+    return write_file(path, lambda f: Image.fromarray(np.asarray(image)).save(f, format="PNG"))

@@ -16,7 +16,7 @@ equal.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -182,10 +182,16 @@ def token_keys(keys: jax.Array) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
 
 
+def decode_noise(keys: jax.Array, height: int, width: int) -> jax.Array:
+    """The decoder noise x0 (B, height, width, 3) of per-sample keys (B,): normal draws from
+    ``fold_in(key, 1)`` (the AR model's token draws use the keys themselves)."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (height, width, 3),
+                                                jnp.float32))(keys)
+
+
 def noise_for(models: Models, keys: jax.Array, size: int | None = None) -> jax.Array:
-    """Decoder noise x0 (B, H, W, 3) drawn per sample from ``fold_in(key, 1)``."""
-    h, w = tok.resolution(models.tok_cfg, size)
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (h, w, 3), jnp.float32))(keys)
+    """Decoder noise x0 (B, H, W, 3) at the decode resolution (:func:`decode_noise`)."""
+    return decode_noise(keys, *tok.resolution(models.tok_cfg, size))
 
 
 def to_uint8(x):
@@ -365,6 +371,65 @@ def sample_global(models: Models, labels, indices, seed: int | jax.Array,
                  previews=previews, target=target)
     tokens, images, shots = parallel.gather_to_host((res.tokens, res.images, res.previews))
     return SampleResult(tokens, images, shots)
+
+
+def place(models: Models, target) -> Models:
+    """Both models' parameters replicated over the target's mesh (unchanged when unsharded)."""
+    from dar_jax import parallel
+    return Models(models.gpt_cfg, parallel.put_replicated(models.gpt_params, target),
+                  models.tok_cfg, parallel.put_replicated(models.tok_params, target))
+
+
+def sample_many(models: Models, labels, seed: int | jax.Array,
+                options: SampleOptions = SampleOptions(), *, batch_size: int, target=None,
+                indices=None, prefix=None, prefix_len: int = 0, previews: bool = False,
+                on_batch: Callable[[int, int], None] | None = None) -> SampleResult:
+    """The one batched sampling loop (sample.py, evaluate, the trainer's samples): any number of
+    labels (N,) -> uint8 NumPy results, the same on every process.
+
+    Sample i uses the key ``keys_for(seed, indices[i])`` (``indices`` default ``arange(N)``), so
+    the images do not depend on ``batch_size``. Batches are rounded up to a multiple of the
+    target's batch shards and the last one is padded (one compiled shape); each batch runs over
+    the target's devices, which may span hosts (:func:`sample_global`). ``prefix``: (1 or N, L)
+    layout tokens. ``on_batch(done, total)`` is called after each batch. Returns tokens (N, L)
+    int32, images (N, H, W, 3) uint8 and, with ``previews``, (N, G, H, W, 3) uint8.
+    """
+    from dar_jax import parallel
+    labels = np.asarray(labels, np.int32).reshape(-1)
+    n = len(labels)
+    if n == 0:
+        raise PipelineError("nothing to sample: no labels")
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise PipelineError(f"batch_size must be a positive integer, got {batch_size!r}")
+    indices = np.arange(n) if indices is None else np.asarray(indices).reshape(-1)
+    if len(indices) != n:
+        raise PipelineError(f"{len(indices)} sample indices for {n} labels")
+    if prefix is not None:
+        prefix = np.asarray(prefix, np.int32)
+        if prefix.ndim != 2 or prefix.shape[0] not in (1, n):
+            raise PipelineError(f"prefix must be (1 or {n}, L) tokens, got shape {prefix.shape}")
+    div = parallel.batch_divisor(target.mesh, target.rules) if target is not None and target.sharded else 1
+    bs = -(-int(batch_size) // div) * div
+    tokens, images, shots = [], [], []
+    for start in range(0, n, bs):
+        rows = np.arange(start, min(start + bs, n))
+        pad = bs - len(rows)
+        lab = np.concatenate([labels[rows], np.full(pad, labels[0], np.int32)])
+        idx = np.concatenate([indices[rows], indices[rows[-1]] + 1 + np.arange(pad)])
+        pre = None
+        if prefix is not None:
+            pre = np.repeat(prefix, bs, 0) if len(prefix) == 1 else prefix[np.concatenate(
+                [rows, np.full(pad, rows[0])])]
+        res = sample_global(models, lab, idx, seed, options, target=target, prefix=pre,
+                            prefix_len=prefix_len, previews=previews)
+        tokens.append(np.asarray(res.tokens[:len(rows)]))
+        images.append(to_uint8(res.images[:len(rows)]))
+        if previews:
+            shots.append(to_uint8(res.previews[:len(rows)]))
+        if on_batch is not None:
+            on_batch(start + len(rows), n)
+    return SampleResult(np.concatenate(tokens), np.concatenate(images),
+                        np.concatenate(shots) if previews else None)
 
 
 def layout_prefix(models: Models, images, groups: int) -> tuple[jax.Array, int]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pathlib
 import time
@@ -197,83 +196,46 @@ def _sample_and_write(models, labels, opts, out: pathlib.Path, args) -> str:
 
     # spread each batch over the devices of every process: a 1-D data mesh, parameters
     # replicated; each process places only the rows of its devices, outputs are gathered
-    mesh = parallel.make_mesh({"data": -1})
-    target = parallel.target_for(mesh)
-    ndev = mesh.size
-    bs = math.ceil(args.batch_size / ndev) * ndev
-    models = pipeline.Models(models.gpt_cfg, parallel.put_replicated(models.gpt_params, target),
-                             models.tok_cfg, parallel.put_replicated(models.tok_params, target))
+    target = parallel.target_for(parallel.make_mesh({"data": -1}))
     main = jax.process_index() == 0
-    all_images, all_strips, all_tokens = [], [], []
     bar = None
     if main and not args.quiet:
         from tqdm import tqdm
         bar = tqdm(total=len(labels), desc="sampling", unit="img", dynamic_ncols=True)
     t0 = time.perf_counter()
-    for start in range(0, len(labels), bs):
-        idx = np.arange(start, min(start + bs, len(labels)))
-        n = len(idx)
-        pad = bs - n
-        lab = np.concatenate([labels[idx], np.full(pad, labels[0], np.int32)])
-        pre = None if prefix is None else np.repeat(prefix[:1], bs, 0)
-        res = pipeline.sample_global(models, lab, np.arange(start, start + bs), args.seed, opts,
-                                     target=target, prefix=pre, prefix_len=prefix_len,
-                                     previews=args.previews)
-        all_images.append(pipeline.to_uint8(res.images[:n]))
-        all_tokens.append(res.tokens[:n])
-        if args.previews:
-            all_strips.append(pipeline.to_uint8(res.previews[:n]))
+
+    def progress(done, total):
         if bar is not None:
-            bar.update(n)
-            bar.set_postfix(img_per_s=f"{(start + n) / (time.perf_counter() - t0):.2f}")
+            bar.update(done - bar.n)
+            bar.set_postfix(img_per_s=f"{done / (time.perf_counter() - t0):.2f}")
+
+    res = pipeline.sample_many(pipeline.place(models, target), labels, args.seed, opts,
+                               batch_size=args.batch_size, target=target, prefix=prefix,
+                               prefix_len=prefix_len, previews=args.previews, on_batch=progress)
     if bar is not None:
         bar.close()
-    images = np.concatenate(all_images)
+    images = res.images
     if main:
         from dar_jax import io
         io.makedirs(out, "--out")
-        _write_outputs(out, images, labels, np.concatenate(all_tokens),
-                       np.concatenate(all_strips) if args.previews else None, args)
+        _write_outputs(out, images, labels, res.tokens, res.previews, args)
         print(f"wrote {len(images)} images to {out.resolve()}")
     return str(out)
 
 
 def _write_outputs(out: pathlib.Path, images: np.ndarray, labels: np.ndarray, tokens: np.ndarray,
                    strips, args) -> None:
-    from PIL import Image
-
     from dar_jax import io
-
-    def save(path, arr):
-        io.write_file(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
-
     if not args.no_images:
         for i, (img, lab) in enumerate(zip(images, labels)):
-            save(out / f"{i:06d}_class{int(lab)}.png", img)
+            io.save_png(out / f"{i:06d}_class{int(lab)}.png", img)
             if strips is not None:
-                save(out / f"{i:06d}_class{int(lab)}_previews.png", np.concatenate(list(strips[i]), axis=1))
-        save(out / "grid.png", make_grid(images))
+                io.save_png(out / f"{i:06d}_class{int(lab)}_previews.png", io.sheet(strips[i:i + 1]))
+        io.save_png(out / "grid.png", io.grid(images))
         if strips is not None:
-            save(out / "previews.png", preview_sheet(strips))
+            io.save_png(out / "previews.png", io.sheet(strips))
     if args.npz:
         io.write_file(out / "samples.npz", lambda f: np.savez(f, arr_0=images, arr_1=labels, tokens=tokens))
-
-
-def preview_sheet(strips: np.ndarray) -> np.ndarray:
-    """(B, G, H, W, C) previews -> (B H, G W, C): one row per image, one column per group."""
-    return np.concatenate([np.concatenate(list(s), axis=1) for s in strips], axis=0)
-
-
-def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-    """(N, H, W, C) -> one image, ``cols`` per row (default: ceil(sqrt(N)), as grid.png)."""
-    n, h, w, c = images.shape
-    cols = cols or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    return grid
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ from dar_jax.data.sources import DataError
 from dar_jax.demo import engine as demo_engine
 from dar_jax.demo.__main__ import main as demo_main
 from dar_jax.demo.engine import DemoInputError, Engine
-from dar_jax.sample_cli import make_grid
+from dar_jax.io import grid as make_grid
 
 DEFAULT = REPO / "models" / "default"
 

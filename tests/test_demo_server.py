@@ -27,7 +27,7 @@ from PIL import Image
 from conftest import REPO
 from dar_jax import pipeline
 from dar_jax.data import synthetic
-from dar_jax.sample_cli import make_grid
+from dar_jax.io import grid as make_grid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # gradio_client imports huggingface_hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dar_jax.nn.layers import DTYPES
 from dar_jax.config import ConfigError, sized_config
 from dar_jax.nn import layers as L
 from dar_jax.nn import remat as R
@@ -34,7 +35,6 @@ GPT_SIZES = {
     "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
     "GPT-XXXL": dict(n_layer=48, n_head=40, dim=2560),
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)

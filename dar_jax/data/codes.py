@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dar_jax import io
 from dar_jax.data.sources import DataError
 
 FORMAT = "dar-jax-code-shards"
@@ -33,17 +34,11 @@ INDEX = "index.json"
 
 
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    io.write_file(path, lambda f: np.save(f, array))
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    io.write_json(path, obj)
 
 
 def _code_dtype(vocab_size: int | None) -> np.dtype:

@@ -21,11 +21,10 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from dar_jax import pipeline, solvers
+from dar_jax import io, pipeline, solvers
 from dar_jax import tokenizer as tok
 from dar_jax.ar import SamplingError, parse_cfg_scale
 from dar_jax.pipeline import PipelineError
-from dar_jax.sample_cli import make_grid, preview_sheet
 
 MAX_SEED = 2**31 - 1
 # an XLA compilation, or an executable loaded from jax's persistent compilation cache instead
@@ -68,7 +67,7 @@ class Frame(NamedTuple):
 
     def grid(self) -> np.ndarray:
         """The batch as one (rows H, cols W, 3) uint8 image (as sample.py's grid.png)."""
-        return make_grid(self.images)
+        return io.grid(self.images)
 
 
 class Engine:
@@ -235,7 +234,7 @@ class Engine:
 def previews_image(frames: Sequence[Frame]) -> np.ndarray:
     """The strip of previews: one row per image, one column per group (as sample.py's
     previews.png)."""
-    return preview_sheet(np.stack([f.images for f in frames], axis=1))
+    return io.sheet(np.stack([f.images for f in frames], axis=1))
 
 
 # ----------------------------------------------------------------------------------------------

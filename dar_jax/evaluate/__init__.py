@@ -10,7 +10,7 @@
     results = ev.evaluate_features(stats, logits, ref)   # fid, inception_score, precision, recall
 """
 from dar_jax.evaluate.inception import (Features, ImageInputError, InceptionConfig, check_images,
-                                        feature_extractor, local_mesh)
+                                        feature_extractor)
 from dar_jax.evaluate.inception import forward as inception_forward
 from dar_jax.evaluate.inception import init_params as init_inception
 from dar_jax.evaluate.inception import load_params as load_inception

@@ -117,41 +117,29 @@ def _run_plan(plan, generate_fn, desc: str, quiet: bool, hooks) -> dict:
     return report
 
 
-def _batched(fn, batch_size: int, pad: bool = True):
-    """Applies fn(labels, indices) in chunks of ``batch_size``; with ``pad`` the last chunk is
-    padded to full size (one compiled shape)."""
+def _in_batches(fn, batch_size: int):
+    """fn(labels, indices) applied ``batch_size`` rows at a time (reconstructions)."""
     def run(labels, indices):
-        outs = []
-        for s in range(0, len(labels), batch_size):
-            lab, idx = labels[s:s + batch_size], indices[s:s + batch_size]
-            n = len(lab)
-            if pad and n < batch_size:
-                lab = np.concatenate([lab, np.full(batch_size - n, lab[0], lab.dtype)])
-                idx = np.concatenate([idx, idx[-1] + 1 + np.arange(batch_size - n)])
-            outs.append(np.asarray(fn(lab, idx))[:n])
-        return np.concatenate(outs)
+        return np.concatenate([np.asarray(fn(labels[s:s + batch_size], indices[s:s + batch_size]))
+                               for s in range(0, len(labels), batch_size)])
     return run
 
 
 def _generation_fn(models, args):
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    """generate(labels, indices) -> uint8 images over this process's devices (each process
+    generates its own shards): :func:`pipeline.sample_many`."""
     from dar_jax import parallel, pipeline
-    mesh = parallel.local_mesh({"data": -1})
-    data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    models = pipeline.Models(models.gpt_cfg, jax.device_put(models.gpt_params, rep),
-                             models.tok_cfg, jax.device_put(models.tok_params, rep))
+    target = parallel.target_for(parallel.local_mesh({"data": -1}))
+    models = pipeline.place(models, target)
     opts = pipeline.SampleOptions(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   solver=args.solver, num_steps=args.steps or None, dtype=args.dtype)
-    bs = -(-args.batch_size // mesh.size) * mesh.size
 
     def generate(labels, indices):
-        keys = jax.device_put(pipeline.keys_for(args.seed, indices), data)
-        res = pipeline.sample(models, jax.device_put(np.asarray(labels, np.int32), data), keys, opts)
-        return np.asarray(pipeline.to_uint8(res.images))
+        return pipeline.sample_many(models, labels, args.seed, opts, batch_size=args.batch_size,
+                                    target=target, indices=indices).images
 
-    return _batched(generate, bs)
+    return generate
 
 
 def _settings(args, keys) -> dict:
@@ -252,7 +240,6 @@ def _metrics(args, stats, logits, ref) -> dict:
 
 
 def _rfid(args, extract, hooks) -> dict:
-    import jax
     from dar_jax import data, pipeline
     from dar_jax import tokenizer as tok
     from dar_jax.checkpoint import store
@@ -294,13 +281,12 @@ def _rfid(args, extract, hooks) -> dict:
     def recon_fn(labels, indices):
         images = crop_batch(indices).astype(np.float32) / 127.5 - 1.0
         codes = tok.encode(tok_cfg, tok_params, images)
-        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), images.shape[1:]))(
-            pipeline.keys_for(args.seed, indices))
+        noise = pipeline.decode_noise(pipeline.keys_for(args.seed, indices), *images.shape[1:3])
         out = tok.decode(tok_cfg, tok_params, codes, noise, solver=args.solver,
                          num_steps=args.steps or None)
         return np.asarray(pipeline.to_uint8(out))
 
-    report["reconstructions"] = _run_plan(recon, _batched(recon_fn, args.batch_size, pad=False),
+    report["reconstructions"] = _run_plan(recon, _in_batches(recon_fn, args.batch_size),
                                           "reconstructing", args.quiet, hooks)
     if not _main():
         return None

@@ -418,17 +418,6 @@ def check_images(images: np.ndarray, where: str = "images") -> None:
             raise ImageInputError(f"{where}: float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]{hint}")
 
 
-def local_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -> jax.sharding.Mesh:
-    """1-D mesh over ``devices`` (default: this process's local devices), Auto sharding.
-
-    Auto, deliberately: the only sharded dimension is the batch, which every op of the network
-    keeps, so propagation needs no explicit annotations inside the model.
-    """
-    devices = list(devices) if devices is not None else jax.local_devices()
-    return jax.make_mesh((len(devices),), (axis,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
-
-
 def feature_extractor(cfg: InceptionConfig, params, *, batch_size: int = 200,
                       devices: Sequence[jax.Device] | None = None
                       ) -> Callable[[np.ndarray], Features]:
@@ -439,7 +428,10 @@ def feature_extractor(cfg: InceptionConfig, params, *, batch_size: int = 200,
     split over a 1-D mesh of ``devices`` (default: all local devices); params are replicated.
     The last chunk is padded, so every distinct image size compiles once.
     """
-    mesh = local_mesh(devices)
+    from dar_jax.parallel import make_mesh
+    # Auto sharding: the only sharded dimension is the batch, which every op of the network
+    # keeps, so propagation needs no annotations inside the model
+    mesh = make_mesh({"data": -1}, list(devices) if devices is not None else jax.local_devices())
     n_dev = mesh.devices.size
     batch = -(-max(1, batch_size) // n_dev) * n_dev
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
+from dar_jax import io
 from dar_jax.errors import DarError
 from dar_jax.evaluate import metrics
 from dar_jax.pipeline import to_uint8  # noqa: F401  (re-exported: the protocol's conversion)
@@ -176,15 +177,6 @@ def _shard_ok(plan: ShardPlan, shard: int, verify: bool = False) -> bool:
     return len(shape) == 4 and shape[0] == len(plan.indices(shard)) and dtype == np.uint8
 
 
-def _move_aside(path: str) -> str:
-    dst, n = path + ".corrupt", 1
-    while os.path.lexists(dst):
-        n += 1
-        dst = f"{path}.corrupt-{n}"
-    os.rename(path, dst)
-    return dst
-
-
 def finished_shards(plan: ShardPlan) -> list[int]:
     """Indices of the shards whose files are complete and match the plan."""
     return [i for i in range(plan.num_shards) if _shard_ok(plan, i)]
@@ -216,7 +208,7 @@ def generate_samples(plan: ShardPlan, generate_fn: Callable[[np.ndarray, np.ndar
         if _shard_ok(plan, i, verify=True):
             done.add(i)
         elif os.path.lexists(plan.path(i)):  # damaged: named, kept aside, regenerated
-            moved = _move_aside(plan.path(i))
+            moved = io.move_aside(plan.path(i), "corrupt")
             log.warning("shard %d (%s) is damaged: moved it aside to %s and regenerating it",
                         i, plan.path(i), moved)
             corrupt.append(i)
@@ -248,7 +240,7 @@ def iter_shards(plan: ShardPlan) -> Iterator[tuple[np.ndarray, np.ndarray, np.nd
             with np.load(path, allow_pickle=False) as z:
                 item = z["indices"], z["labels"], z["images"]
         except Exception as e:  # damaged after it was verified: never read garbage
-            moved = _move_aside(path)
+            moved = io.move_aside(path, "corrupt")
             raise ShardError(f"shard {i} ({path}) is damaged ({type(e).__name__}: {e}); moved it aside "
                              f"to {moved}: run the same command again to regenerate it") from None
         yield item

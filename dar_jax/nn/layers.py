@@ -20,6 +20,9 @@ Axes = tuple[str | None, ...]
 EMBED, MLP, HEADS, HEAD_DIM, VOCAB, NORM, CLASSES, QUERIES = (
     "embed", "mlp", "heads", "head_dim", "vocab", "norm", "classes", "queries")
 
+# compute dtypes a config may name (parameters stay float32)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def with_axes(init: Callable, axes: Axes) -> Callable:
     """An initializer whose parameter carries logical ``axes`` (one name or None per dim).

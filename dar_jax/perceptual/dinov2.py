@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dar_jax.nn.layers import DTYPES
 from dar_jax.checkpoint import mapping as M
 from dar_jax.checkpoint.torch_pickle import CheckpointError, find_state_dict, load_torch_file
 from dar_jax.config import ConfigError, sized_config
@@ -38,7 +39,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 REPA_SIZE = 224          # D-AR resizes the input image to 224 px for DINOv2
 REPA_GRID = 16           # decoder features are pooled to (at most) 16x16 tokens
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FFN_KINDS = ("mlp", "swiglu")
 
 # The official hub models (``dinov2_vit{s,b,l,g}14``): 64-dim heads, 518 px (37x37 grid).

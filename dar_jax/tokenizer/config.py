@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 
+from dar_jax.nn.layers import DTYPES
 from dar_jax.errors import DarError
 from dar_jax.config import ConfigError, from_mapping
 from dar_jax.nn.remat import canonical as remat_canonical
@@ -24,7 +24,6 @@ QUERY_TABLE = 1024       # rows of the query / decoder position tables (fixed in
 USAGE_BUFFER = 65536     # length of the reference's codebook-usage buffer
 REPA_HIDDEN = 2048       # REPA projector: dim -> 2048 -> 2048 -> REPA_OUT
 REPA_OUT = 768
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)

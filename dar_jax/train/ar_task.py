@@ -141,17 +141,10 @@ class ARTask(Task):
         params = state["ema"] if "ema" in state else state["params"]
         models = pipeline.make_models(self.model_cfg, params, tok_cfg, self._tok_placed)
         opts = pipeline.SampleOptions(cfg_scale=ev.cfg_scale, solver=ev.solver, num_steps=ev.steps or None)
-        n = int(ev.fid_num_samples)
-        div = parallel.batch_divisor(target.mesh, target.rules) if target.sharded else 1
-        bs = -(-int(ev.batch_size) // div) * div
-        labels = np.arange(n) % self.model_cfg.num_classes
-        images = []
-        for s in range(0, n, bs):
-            idx = np.arange(s, s + bs)
-            res = pipeline.sample_global(models, labels[idx % n], idx, int(self.cfg.train.seed), opts,
-                                         target=target)
-            images.append(pipeline.to_uint8(res.images))
-        return self._fid(np.concatenate(images)[:n], prefix="eval_")
+        labels = np.arange(int(ev.fid_num_samples)) % self.model_cfg.num_classes
+        images = pipeline.sample_many(models, labels, int(self.cfg.train.seed), opts,
+                                      batch_size=int(ev.batch_size), target=target).images
+        return self._fid(images, prefix="eval_")
 
     def tokens_per_example(self):
         return self.model_cfg.block_size

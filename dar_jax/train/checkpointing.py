@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from dar_jax import io
 from dar_jax.checkpoint.torch_pickle import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -174,13 +175,7 @@ class TrainCheckpoints:
         self.wait()
         if jax.process_index() == 0:
             for s in steps:
-                src = os.path.join(self.directory, str(s))
-                dst = f"{src}.{tag}"
-                n = 1
-                while os.path.lexists(dst):
-                    n += 1
-                    dst = f"{src}.{tag}-{n}"
-                os.rename(src, dst)
+                dst = io.move_aside(os.path.join(self.directory, str(s)), tag)
                 log.warning("moved the %s checkpoint step %d aside to %s", tag, s, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

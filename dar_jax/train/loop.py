@@ -55,6 +55,12 @@ class _UnusableCheckpoint(Exception):
         self.step = step
 
 
+def _non_finite(metrics) -> tuple[dict, list[str]]:
+    """({loss, grad_norm} as floats, the names of those that are not finite) of a step."""
+    values = {k: float(np.asarray(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
+    return values, [k.replace("_", " ") for k, v in values.items() if not math.isfinite(v)]
+
+
 class Task:
     """Model-specific parts of training. Subclasses implement the abstract methods."""
     family: Any = None        # dar_jax.family.Family of the model (exported model directory)
@@ -397,8 +403,7 @@ class Trainer:
     # --- helpers ---------------------------------------------------------------------------------
     def _check_finite(self, step, metrics, ckpts=None):
         """Raises TrainingDiverged when step ``step``'s loss, grad norm or parameters are not finite."""
-        values = {k: float(np.asarray(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
-        bad = [k.replace("_", " ") for k, v in values.items() if not math.isfinite(v)]
+        values, bad = _non_finite(metrics)
         if _FINITE in metrics and not bool(np.asarray(metrics[_FINITE])):
             bad.append("parameters")
         if bad:
@@ -412,8 +417,7 @@ class Trainer:
 
     def _check_resumed(self, step, metrics):
         """The first step after a restore: a non-finite loss or grad norm condemns the checkpoint."""
-        values = {k: float(np.asarray(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
-        bad = [k.replace("_", " ") for k, v in values.items() if not math.isfinite(v)]
+        _, bad = _non_finite(metrics)
         if bad:
             raise _UnusableCheckpoint(step - 1, f"the first step after resuming from step {step - 1} "
                                                 f"has a non-finite {' and '.join(bad)}")

@@ -21,7 +21,9 @@ import optax
 
 from dar_jax import tokenizer as tok
 from dar_jax.config import ConfigError, as_plain, from_mapping
+from dar_jax import io
 from dar_jax.evaluate.metrics import psnr, ssim
+from dar_jax.pipeline import to_uint8
 from dar_jax.tokenizer import flow, quantizer
 from dar_jax.tokenizer.config import USAGE_BUFFER
 from dar_jax.perceptual import gan
@@ -305,7 +307,6 @@ class TokenizerTask(Task):
                "eval_dead_code_rate": float(quantizer.dead_code_rate(codes))}
         if ev.inception:  # cheap rFID / IS of the reconstructions against the originals
             from dar_jax.evaluate.training import SmallFID
-            from dar_jax.pipeline import to_uint8
             if getattr(self, "_fid", None) is None:
                 self._fid = SmallFID(ev.inception, "", ev.protocol)
             out.update(self._fid(to_uint8(recon), to_uint8(images), prefix="eval_recon_"))
@@ -313,10 +314,12 @@ class TokenizerTask(Task):
             previews = [decode(codes[:1], preview_groups=g)
                         for g in range(1, cfg.num_query_groups)] + [recon[:1]]
             if jax.process_index() == 0:
-                grid = image_grid([images, recon])
-                strip = image_grid([np.concatenate(previews, 0)])
-                save_png(os.path.join(self.workdir, "samples", f"recon_{step:07d}.png"), grid)
-                save_png(os.path.join(self.workdir, "samples", f"preview_{step:07d}.png"), strip)
+                grid = io.sheet(to_uint8(np.stack([np.asarray(images), np.asarray(recon)])))
+                strip = io.sheet(to_uint8(np.concatenate(previews, 0))[None])
+                samples = os.path.join(self.workdir, "samples")
+                io.makedirs(samples)
+                io.save_png(os.path.join(samples, f"recon_{step:07d}.png"), grid)
+                io.save_png(os.path.join(samples, f"preview_{step:07d}.png"), strip)
                 writer.write_images(step, "eval/reconstructions", grid)
                 writer.write_images(step, "eval/previews", strip)
         return out
@@ -351,20 +354,3 @@ def tokenizer_train_flops_per_example(cfg: tok.TokenizerConfig, image_size: int)
     fl += cfg.num_decoder_layers * _block_flops(n_q, cfg.decoder_dim, n_q / 2)
     fl += diffusion_flops(cfg, image_size)
     return 3.0 * fl
-
-
-def image_grid(rows: list[np.ndarray]) -> np.ndarray:
-    """Rows of (N, H, W, 3) images in [-1, 1] -> one uint8 (rows*H, N*W, 3) grid."""
-    out = []
-    for r in rows:
-        r = np.clip(np.asarray(r) * 127.5 + 128, 0, 255).astype(np.uint8)
-        out.append(np.concatenate(list(r), axis=1))
-    return np.concatenate(out, axis=0)
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-    from PIL import Image
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
