@@ -28,7 +28,7 @@ from dar_jax.ar import generation  # noqa: E402
 def python_loop_generate(cfg, params, labels, key, scale, n):
     """Baseline: one jitted call per token (same math, Python drives the loop)."""
     b = labels.shape[0]
-    st = generation._Static(num_tokens=n, cfg_active=True, top_k=0, use_top_p=False, greedy=False,
+    st = generation._StaticOptions(num_tokens=n, cfg_active=True, top_k=0, use_top_p=False, greedy=False,
                             cfg_interval=-1)
     keys = ar.sample_keys(key, b)
 

@@ -615,7 +615,7 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
     num_steps = int(num_steps or tok_cfg.num_denoising_steps)
     solver = SO.canonical(solver)
     n_tok = gpt_cfg.block_size
-    st = G._Static(num_tokens=n_tok, cfg_active=cfg_scale > 1.0, top_k=0, use_top_p=False,
+    st = G._StaticOptions(num_tokens=n_tok, cfg_active=cfg_scale > 1.0, top_k=0, use_top_p=False,
                    greedy=False, cfg_interval=-1, target=target)
     rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
@@ -627,7 +627,7 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
 
     def inputs(labels, keys):
         keys = jax.random.wrap_key_data(keys)
-        return G._Inputs(labels, keys, jnp.float32(cfg_scale), jnp.float32(cfg_scale),
+        return G._TracedInputs(labels, keys, jnp.float32(cfg_scale), jnp.float32(cfg_scale),
                          jnp.float32(1.0), jnp.float32(1.0), jnp.zeros((batch, n_tok), jnp.int32),
                          jnp.int32(0))
 

@@ -228,27 +228,33 @@ def _decode_schedule(cfg: tok.TokenizerConfig, num_steps: int) -> list[tuple[int
             for g in range(1, cfg.num_query_groups + 1)]
 
 
-class _GroupDecoder:
-    """Advances the sequential decode as condition tokens arrive; one compiled program."""
+class DecodeProgress(NamedTuple):
+    """The group-by-group decode between token groups: the sampler state at time point ``done``
+    and the latest preview (B, H, W, 3) in [-1, 1] (the noise / data_std before any step)."""
+    state: tok.DecodeState
+    done: int
+    preview: jax.Array
 
-    def __init__(self, models: Models, noise, solver: str, num_steps: int, target=None):
-        self.m, self.solver, self.num_steps, self.target = models, solver, num_steps, target
-        self.state = tok.init_state(models.tok_cfg, noise, num_steps=num_steps)
-        self.done = 0
-        self.preview = jnp.asarray(noise) / models.tok_cfg.data_std
 
-    def advance(self, tokens, ready: int):
-        if ready > self.done:
-            cfg, params = self.m.tok_cfg, self.m.tok_params
-            # the decoder layers are causal: cond of the known tokens ignores the zeros after them
-            cond = tok.codes_to_cond(cfg, params, tokens, check=False, target=self.target)
-            kv = tok.cross_kv(cfg, params, cond, self.target)
-            self.state, preview = tok.run_steps(cfg, params, kv, self.state, self.done, ready,
-                                                     solver=self.solver, num_steps=self.num_steps,
-                                                     target=self.target)
-            self.preview = tok.postprocess(cfg, preview)
-            self.done = ready
-        return self.preview
+def _start_decode(models: Models, noise, num_steps: int) -> DecodeProgress:
+    cfg = models.tok_cfg
+    return DecodeProgress(tok.init_state(cfg, noise, num_steps=num_steps), 0,
+                          jnp.asarray(noise) / cfg.data_std)
+
+
+def _advance_decode(models: Models, progress: DecodeProgress, tokens, ready: int, *, solver: str,
+                    num_steps: int, target=None) -> DecodeProgress:
+    """Runs the decode steps that the known ``tokens`` (B, N; zeros after them) make ready
+    (state in, state out, like ``Generation.advance``; one compiled program for every range)."""
+    if ready <= progress.done:
+        return progress
+    cfg, params = models.tok_cfg, models.tok_params
+    # the decoder layers are causal: cond of the known tokens ignores the zeros after them
+    cond = tok.codes_to_cond(cfg, params, tokens, check=False, target=target)
+    kv = tok.cross_kv(cfg, params, cond, target)
+    state, preview = tok.run_steps(cfg, params, kv, progress.state, progress.done, ready,
+                                   solver=solver, num_steps=num_steps, target=target)
+    return DecodeProgress(state, ready, tok.postprocess(cfg, preview))
 
 
 def decode_groups(models: Models, codes, noise, *, solver: str = "adams2",
@@ -268,18 +274,21 @@ def decode_groups(models: Models, codes, noise, *, solver: str = "adams2",
     if len(shape) != 4 or shape[0] != codes.shape[0] or shape[-1] != 3:
         raise PipelineError(f"noise must be (B={codes.shape[0]}, H, W, 3), got shape {shape}")
     tok.check_size(cfg, shape[1:3])
-    dec = _GroupDecoder(models, noise, solvers.canonical(solver), num_steps, target)
+    solver = solvers.canonical(solver)
+    progress = _start_decode(models, noise, num_steps)
     sched = _decode_schedule(cfg, num_steps)
     for g, known, ready in sched:
         visible = jnp.where(jnp.arange(codes.shape[1]) < known, codes, 0)
-        yield StreamEvent(g, visible, dec.advance(visible, ready), g == len(sched))
+        progress = _advance_decode(models, progress, visible, ready, solver=solver,
+                                   num_steps=num_steps, target=target)
+        yield StreamEvent(g, visible, progress.preview, g == len(sched))
 
 
 # ----------------------------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------------------------
 def _generation(models: Models, labels, keys, options: SampleOptions, prefix, prefix_len, target):
-    return ar.prepare(models.gpt_cfg, models.gpt_params, labels, token_keys(keys),
+    return ar.prepare_generation(models.gpt_cfg, models.gpt_params, labels, token_keys(keys),
                       cfg_scale=options.cfg_scale, cfg_interval=options.cfg_interval,
                       temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                       prefix=prefix, prefix_len=prefix_len, target=target)
@@ -303,8 +312,8 @@ def stream(models: Models, labels, keys, options: SampleOptions = SampleOptions(
     cfg = models.tok_cfg
     num_steps = int(options.num_steps or cfg.num_denoising_steps)
     gen = _generation(models, labels, keys, options, prefix, prefix_len, target)
-    dec = _GroupDecoder(models, noise_for(models, keys, options.size),
-                        solvers.canonical(options.solver), num_steps, target)
+    solver = solvers.canonical(options.solver)
+    progress = _start_decode(models, noise_for(models, keys, options.size), num_steps)
     state = gen.start()
     have = 1
     sched = _decode_schedule(cfg, num_steps)
@@ -312,7 +321,9 @@ def stream(models: Models, labels, keys, options: SampleOptions = SampleOptions(
         if known > have:
             state = gen.advance(state, have, known)
             have = known
-        yield StreamEvent(g, state.tokens, dec.advance(state.tokens, ready), g == len(sched))
+        progress = _advance_decode(models, progress, state.tokens, ready, solver=solver,
+                                   num_steps=num_steps, target=target)
+        yield StreamEvent(g, state.tokens, progress.preview, g == len(sched))
 
 
 class SampleResult(NamedTuple):

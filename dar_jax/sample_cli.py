@@ -8,16 +8,32 @@ import time
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = REPO / "models" / "default"
+DEFAULT_MODEL_ENV = "DAR_JAX_DEFAULT_MODEL"
+DEFAULT_MODEL_REL = pathlib.Path("models") / "default"
+
+
+def default_model_dir() -> pathlib.Path:
+    """The folder of the default model (``gpt/`` and ``tokenizer/``), first match of:
+    ``$DAR_JAX_DEFAULT_MODEL``; ``models/default`` under the current directory; ``models/default``
+    of the source checkout this package is installed from (an editable install, as the README
+    installs it). The last is returned when none exists, so errors name where it is looked for."""
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    if env:
+        return pathlib.Path(env).resolve()
+    here = pathlib.Path.cwd() / DEFAULT_MODEL_REL
+    if (here / "gpt").is_dir() and (here / "tokenizer").is_dir():
+        return here.resolve()
+    return pathlib.Path(__file__).resolve().parent.parent / DEFAULT_MODEL_REL
 
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The flags naming the models (sample.py, the web demo): --gpt, --tokenizer, the size of a
-    GPT .pt, --dtype. :func:`load_models` reads them."""
-    ap.add_argument("--gpt", default=str(DEFAULT_MODEL_DIR / "gpt"),
+    GPT .pt, --dtype. :func:`load_models` reads them. The default is the shipped model
+    (:func:`default_model_dir`)."""
+    default = default_model_dir()
+    ap.add_argument("--gpt", default=str(default / "gpt"),
                     help="GPT model directory (dar-jax) or the reference's .pt (size inferred)")
-    ap.add_argument("--tokenizer", default=str(DEFAULT_MODEL_DIR / "tokenizer"),
+    ap.add_argument("--tokenizer", default=str(default / "tokenizer"),
                     help="tokenizer model directory (dar-jax) or the reference's .pt")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="compute dtype (default: the models' own)")
@@ -127,7 +143,7 @@ def check_args(args) -> None:
 
 
 def _default_model_hint(path: str, what: str) -> str:
-    if str(DEFAULT_MODEL_DIR) not in os.path.abspath(path):
+    if str(default_model_dir()) not in os.path.abspath(path):
         return ""
     return (f" (the shipped default model is {what}: restore it with "
             "`git checkout -- models/default` or retrain it with scripts/train_default.sh)")

@@ -54,7 +54,7 @@ def test_sample_py_without_arguments(tmp_path):
         assert arr.ndim == 3 and arr.shape[-1] == 3 and arr.std() > 1.0
 
 
-def test_missing_or_corrupt_shipped_model_says_how_to_restore(tmp_path, capsys):
+def test_missing_or_corrupt_shipped_model_says_how_to_restore(tmp_path, capsys, monkeypatch):
     broken = tmp_path / "default"
     shutil.copytree(DEFAULT, broken)
     rc = sample_main(["--gpt", str(tmp_path / "nothing" / "gpt"), "--tokenizer", str(broken / "tokenizer"),
@@ -63,25 +63,22 @@ def test_missing_or_corrupt_shipped_model_says_how_to_restore(tmp_path, capsys):
     # damage the shipped model's copy: its config and then its weights
     (broken / "gpt" / "config.json").write_text("{broken")
     from dar_jax import sample_cli
-    old = sample_cli.DEFAULT_MODEL_DIR
-    sample_cli.DEFAULT_MODEL_DIR = broken
-    try:
-        rc = sample_main(["--gpt", str(broken / "gpt"), "--tokenizer", str(broken / "tokenizer"),
-                          "--out", str(tmp_path / "o"), "--quiet"])
-        err = capsys.readouterr().err
-        assert rc == 2 and "git checkout -- models/default" in err and "train_default.sh" in err
-        shutil.copy(DEFAULT / "gpt" / "config.json", broken / "gpt" / "config.json")
-        for root, _, files in os.walk(broken / "gpt" / "params"):
-            for f in files:
-                (broken / "gpt" / "params" / root / f).write_bytes(b"\0" * 16)
-        rc = sample_main(["--gpt", str(broken / "gpt"), "--tokenizer", str(broken / "tokenizer"),
-                          "--out", str(tmp_path / "o"), "--quiet"])
-        err = capsys.readouterr().err
-        assert rc == 2 and "corrupt" in err and "git checkout -- models/default" in err
-        shutil.rmtree(broken / "gpt")
-        rc = sample_main(["--out", str(tmp_path / "o"), "--quiet", "--gpt", str(broken / "gpt"),
-                          "--tokenizer", str(broken / "tokenizer")])
-        err = capsys.readouterr().err
-        assert rc == 2 and "git checkout -- models/default" in err
-    finally:
-        sample_cli.DEFAULT_MODEL_DIR = old
+    monkeypatch.setenv(sample_cli.DEFAULT_MODEL_ENV, str(broken))   # the search order's first place
+    assert sample_cli.default_model_dir() == broken.resolve()
+    rc = sample_main(["--gpt", str(broken / "gpt"), "--tokenizer", str(broken / "tokenizer"),
+                      "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "git checkout -- models/default" in err and "train_default.sh" in err
+    shutil.copy(DEFAULT / "gpt" / "config.json", broken / "gpt" / "config.json")
+    for root, _, files in os.walk(broken / "gpt" / "params"):
+        for f in files:
+            (broken / "gpt" / "params" / root / f).write_bytes(b"\0" * 16)
+    rc = sample_main(["--gpt", str(broken / "gpt"), "--tokenizer", str(broken / "tokenizer"),
+                      "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "corrupt" in err and "git checkout -- models/default" in err
+    shutil.rmtree(broken / "gpt")
+    rc = sample_main(["--out", str(tmp_path / "o"), "--quiet", "--gpt", str(broken / "gpt"),
+                      "--tokenizer", str(broken / "tokenizer")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "git checkout -- models/default" in err

@@ -241,7 +241,7 @@ def test_api_refuses_bad_labels_keys_and_options(ref_models):
     with pytest.raises(ValueError, match="top_p"):
         pipeline.SampleOptions(top_p=float("nan"))
     with pytest.raises(ValueError, match="temperature"):
-        ar.prepare(m.gpt_cfg, m.gpt_params, [0], pipeline.sample_keys(0, 1), temperature=float("nan"))
+        ar.prepare_generation(m.gpt_cfg, m.gpt_params, [0], pipeline.sample_keys(0, 1), temperature=float("nan"))
     res = m.tok_cfg.sampling_resolution
     patch = m.tok_cfg.diff_decoder.patch_size
     for size in (res - patch, res + 1):

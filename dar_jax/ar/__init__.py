@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 
 from dar_jax.ar.generation import (CfgSchedule, GenState, Generation, SamplingError, check_keys,
-                                   check_labels, filter_logits, generate, parse_cfg_scale, prepare,
-                                   sample_keys)
+                                   check_labels, filter_logits, generate, parse_cfg_scale,
+                                   prepare_generation, sample_keys)
 from dar_jax.ar.model import (GPT, GPT_FN, GPT_SIZES, GPTConfig, bind, gpt_config,
                               graphdef_and_abstract)
 from dar_jax.ar.reference import gpt_key_map, load_reference_gpt

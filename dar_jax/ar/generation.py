@@ -65,7 +65,7 @@ def parse_cfg_scale(value: float | str | Sequence[float] | CfgSchedule) -> CfgSc
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class _StaticOptions:
     """The options that change the compiled program."""
     num_tokens: int
     cfg_active: bool
@@ -94,7 +94,7 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | None) -> jax
     return logits
 
 
-def _pick(logits, keys, step, temperature, top_p, st: _Static):
+def _pick(logits, keys, step, temperature, top_p, st: _StaticOptions):
     """Samples one token per row from (B, V) float32 logits."""
     logits = logits / jnp.maximum(temperature, 1e-5)
     logits = filter_logits(logits, st.top_k, top_p if st.use_top_p else None)
@@ -104,7 +104,7 @@ def _pick(logits, keys, step, temperature, top_p, st: _Static):
     return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
 
 
-class _Inputs(NamedTuple):
+class _TracedInputs(NamedTuple):
     """Traced inputs of generation (changing them does not recompile)."""
     labels: jax.Array        # (B,) int32
     keys: jax.Array          # (B,) per-sample PRNG keys
@@ -130,7 +130,7 @@ def _model(cfg: GPTConfig, params, target: Target):
     return bind(cfg, params)
 
 
-def _choose(cfg: GPTConfig, st: _Static, inp: _Inputs, logits, step):
+def _choose(cfg: GPTConfig, st: _StaticOptions, inp: _TracedInputs, logits, step):
     """Token ``step`` for each sample from the (rows, V) logits of the rows' last position."""
     b = inp.labels.shape[0]
     logits = logits[:, -1]
@@ -146,7 +146,7 @@ def _choose(cfg: GPTConfig, st: _Static, inp: _Inputs, logits, step):
     return jnp.where(step < inp.prefix_len, inp.prefix[:, step], tok)
 
 
-def _prefill(cfg: GPTConfig, st: _Static, params, inp: _Inputs) -> GenState:
+def _prefill(cfg: GPTConfig, st: _StaticOptions, params, inp: _TracedInputs) -> GenState:
     """Class token through the model, token 0 chosen."""
     model = _model(cfg, params, st.target)
     labels = inp.labels
@@ -159,7 +159,7 @@ def _prefill(cfg: GPTConfig, st: _Static, params, inp: _Inputs) -> GenState:
     return GenState(tokens, cache)
 
 
-def _advance(cfg: GPTConfig, st: _Static, params, inp: _Inputs, state: GenState, start, stop) -> GenState:
+def _advance(cfg: GPTConfig, st: _StaticOptions, params, inp: _TracedInputs, state: GenState, start, stop) -> GenState:
     """Chooses tokens start .. stop-1 (start >= 1), one per step, in a ``lax`` loop."""
     model = _model(cfg, params, st.target)
 
@@ -174,7 +174,7 @@ def _advance(cfg: GPTConfig, st: _Static, params, inp: _Inputs, state: GenState,
     return GenState(*jax.lax.fori_loop(start, stop, body, tuple(state)))
 
 
-def _generate(cfg: GPTConfig, st: _Static, params, inp: _Inputs):
+def _generate(cfg: GPTConfig, st: _StaticOptions, params, inp: _TracedInputs):
     return _advance(cfg, st, params, inp, _prefill(cfg, st, params, inp), 1, st.num_tokens).tokens
 
 
@@ -192,8 +192,8 @@ class Generation:
     """
     cfg: GPTConfig
     params: object
-    static: _Static
-    inputs: _Inputs
+    static: _StaticOptions
+    inputs: _TracedInputs
 
     @property
     def num_tokens(self) -> int:
@@ -262,11 +262,12 @@ def check_keys(keys) -> tuple[jax.Array, bool]:
                         f"{arr.dtype} array of shape {arr.shape}")
 
 
-def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
-             cfg_scale: float | str | Sequence[float] | CfgSchedule = 1.0, cfg_interval: int = -1,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             prefix: jax.Array | None = None, prefix_len: int = 0,
-             num_tokens: int | None = None, target: Target | None = None) -> Generation:
+def prepare_generation(cfg: GPTConfig, params, labels, key: jax.Array, *,
+                       cfg_scale: float | str | Sequence[float] | CfgSchedule = 1.0,
+                       cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0, greedy: bool = False, prefix: jax.Array | None = None,
+                       prefix_len: int = 0, num_tokens: int | None = None,
+                       target: Target | None = None) -> Generation:
     """Validates options and prepares generation for ``labels`` (see :func:`generate`).
 
     Labels and prefix may be global arrays spanning several hosts: each process checks the
@@ -319,10 +320,10 @@ def prepare(cfg: GPTConfig, params, labels, key: jax.Array, *,
                 raise SamplingError(f"prefix tokens must lie in [0, {cfg.vocab_size})")
         prefix = jnp.asarray(prefix, jnp.int32)
         prefix = jnp.pad(prefix[:, :n], ((0, 0), (0, max(0, n - prefix.shape[1]))))
-    st = _Static(num_tokens=n, cfg_active=sched.active, top_k=int(top_k),
+    st = _StaticOptions(num_tokens=n, cfg_active=sched.active, top_k=int(top_k),
                  use_top_p=top_p < 1.0, greedy=bool(greedy), cfg_interval=int(cfg_interval),
                  target=target or default_target())
-    inp = _Inputs(labels, keys, jnp.float32(sched.start), jnp.float32(sched.end),
+    inp = _TracedInputs(labels, keys, jnp.float32(sched.start), jnp.float32(sched.end),
                   jnp.float32(temperature), jnp.float32(top_p), prefix, jnp.int32(prefix_len))
     return Generation(cfg, params, st, inp)
 
@@ -339,4 +340,4 @@ def generate(cfg: GPTConfig, params, labels, key: jax.Array, **options) -> jax.A
         positions < prefix_len, prefix_len, num_tokens.
     Returns: (B, num_tokens) int32 tokens (num_tokens defaults to ``cfg.block_size``).
     """
-    return prepare(cfg, params, labels, key, **options).run()
+    return prepare_generation(cfg, params, labels, key, **options).run()

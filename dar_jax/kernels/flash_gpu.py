@@ -149,7 +149,7 @@ def _dot(a, b, *, trans_a=False, trans_b=False, precision=None):
 
 # ---------------------------------------------------------------- masks and block ranges
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class _StaticOptions:
     """Everything static about one call (hashable: custom_vjp nondiff argument)."""
     mask: str
     prefix_len: int
@@ -166,14 +166,14 @@ class _Static:
         return self.scale * LOG2E
 
 
-def _row_offset(st: _Static, kvl_ref):
+def _row_offset(st: _StaticOptions, kvl_ref):
     """Key-space position of query row 0: kv_len - Lq for decode, else 0 (int32 scalar)."""
     if st.mask == "decode":
         return kvl_ref[()] - st.lq
     return jnp.int32(0)
 
 
-def _visible(st: _Static, rows, cols, off, bk):
+def _visible(st: _StaticOptions, rows, cols, off, bk):
     """(bq, bk) bool visibility, or None when every loaded key is visible."""
     vis = None
     if st.mask == "causal":
@@ -194,7 +194,7 @@ def _cdiv_nonneg(x, n: int):
     return lax.div(x + (n - 1), jnp.int32(n))
 
 
-def _key_blocks(st: _Static, row0, bq: int, bk: int, off):
+def _key_blocks(st: _StaticOptions, row0, bq: int, bk: int, off):
     """Key blocks for query rows [row0, row0 + bq): (n_full, hi).
 
     Blocks [0, n_full) are visible to every row of the tile and in range (no mask needed);
@@ -216,7 +216,7 @@ def _key_blocks(st: _Static, row0, bq: int, bk: int, off):
     return jnp.minimum(full, jnp.minimum(whole, hi)), hi
 
 
-def _query_blocks(st: _Static, col0, bq: int, bk: int, off):
+def _query_blocks(st: _StaticOptions, col0, bq: int, bk: int, off):
     """Query blocks for keys [col0, col0 + bk): (lo, n_masked_end).
 
     Blocks [lo, n_masked_end) need the mask, blocks [n_masked_end, nq) see every key of the
@@ -270,7 +270,7 @@ def _store_vec(ref, start, value, length: int):
     plgpu.store(ref.at[pl.ds(start, size)], value.astype(ref.dtype), mask=ok)
 
 
-def _split_refs(st: _Static, refs, n_in: int):
+def _split_refs(st: _StaticOptions, refs, n_in: int):
     """Kernel refs -> (inputs without kv_len, kv_len ref or None, outputs)."""
     ins, outs = list(refs[:n_in]), list(refs[n_in:])
     kvl = ins.pop() if st.mask == "decode" else None
@@ -278,7 +278,7 @@ def _split_refs(st: _Static, refs, n_in: int):
 
 
 # ---------------------------------------------------------------- forward
-def _fwd_kernel(*refs, st: _Static, bq: int, bk: int):
+def _fwd_kernel(*refs, st: _StaticOptions, bq: int, bk: int):
     n_in = 3 + (st.mask == "decode")
     (q_ref, k_ref, v_ref), kvl_ref, (o_ref, lse_ref) = _split_refs(st, refs, n_in)
     row0 = pl.program_id(0) * bq
@@ -318,7 +318,7 @@ def _kv_index(groups: int):
     return lambda i, b, h: (b, 0, h // groups, 0)
 
 
-def _forward(st: _Static, q, k, v, kv_len):
+def _forward(st: _StaticOptions, q, k, v, kv_len):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq, bk = _fit(st.blocks.block_q, lq), _fit(st.blocks.block_k, lk)
@@ -345,7 +345,7 @@ def _forward(st: _Static, q, k, v, kv_len):
 
 
 # ---------------------------------------------------------------- backward
-def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
+def _dkv_kernel(*refs, st: _StaticOptions, bq: int, bk: int):
     """One program per (key block, batch, query head): dK, dV of that block."""
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), kvl_ref, (dk_ref, dv_ref) = _split_refs(
         st, refs, 6 + (st.mask == "decode"))
@@ -384,7 +384,7 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
     _store_rows(dv_ref, col0, dv, st.lk)
 
 
-def _dq_kernel(*refs, st: _Static, bq: int, bk: int):
+def _dq_kernel(*refs, st: _StaticOptions, bq: int, bk: int):
     """One program per (query block, batch, query head): dQ of that block."""
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), kvl_ref, (dq_ref,) = _split_refs(
         st, refs, 6 + (st.mask == "decode"))
@@ -417,7 +417,7 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int):
     _store_rows(dq_ref, row0, dq * st.scale, st.lq)
 
 
-def _backward(st: _Static, res, do):
+def _backward(st: _StaticOptions, res, do):
     q, k, v, kv_len, o, lse = res
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -463,7 +463,7 @@ def _backward(st: _Static, res, do):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, kv_len):
+def _flash(st: _StaticOptions, q, k, v, kv_len):
     return _forward(st, q, k, v, kv_len)[0]
 
 
@@ -487,7 +487,7 @@ def flash_attention(q, k, v, *, mask: str = "none", prefix_len: int = 0,
     if reason:
         raise ValueError(f"flash_attention: {reason}")
     b, lq, h, d = q.shape
-    st = _Static(
+    st = _StaticOptions(
         mask=mask, prefix_len=int(prefix_len) if mask == "prefix_causal" else 0,
         scale=float(d ** -0.5 if scale is None else scale), lq=lq, lk=k.shape[1],
         groups=h // k.shape[2], blocks=blocks or default_blocks(lq, k.shape[1], d, q.dtype),
