@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dar_jax.kernels.decode_vjp import with_xla_backward
+from dar_jax.kernels.decode_vjp import checked_decode_args, with_xla_backward
 from dar_jax.kernels.flash_gpu import LOG2E, MIN_BLOCK, NEG, _dot, _matmul_precision
 
 MAX_ROWS = 64  # larger Lq * G tiles go to the flash kernel (it handles mask="decode" too)
@@ -180,9 +180,5 @@ def decode_attention(q, k, v, kv_len, *, scale: float | None = None,
     (the Lq new positions included). Returns (B, Lq, H, D) in q.dtype. ``interpret=True``
     runs the kernel on any platform (tests).
     """
-    reason = unsupported_reason(q, k, v, "decode", 0, kv_len)
-    if reason:
-        raise ValueError(f"decode_attention: {reason}")
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    kv_len = jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32).reshape(-1), (q.shape[0],))
+    scale, kv_len = checked_decode_args("decode_attention", unsupported_reason, q, k, v, kv_len, scale)
     return _decode(q, k, v, kv_len, scale, blocks or DecodeBlocks(), bool(interpret))

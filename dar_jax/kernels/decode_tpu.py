@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dar_jax.kernels.decode_vjp import with_xla_backward
+from dar_jax.kernels.decode_vjp import checked_decode_args, with_xla_backward
 
 NEG = -1e30  # finite: an all-masked block keeps exp(m - m_new) defined
 
@@ -152,9 +152,5 @@ def decode_attention_tpu(q, k, v, kv_len, *, scale: float | None = None,
     q: (B, 1, H, D) the new position; k, v: (B, S, H, D) cache; kv_len: (B,) valid entries
     (the new position included). Returns (B, 1, H, D) in q.dtype.
     """
-    reason = unsupported_reason(q, k, v, "decode", 0, kv_len)
-    if reason:
-        raise ValueError(f"decode_attention_tpu: {reason}")
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    kv_len = jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32).reshape(-1), (q.shape[0],))
+    scale, kv_len = checked_decode_args("decode_attention_tpu", unsupported_reason, q, k, v, kv_len, scale)
     return _decode(q, k, v, kv_len, scale, blocks or TPUDecodeBlocks(), bool(interpret))

@@ -1,4 +1,5 @@
-"""The decode kernels' gradient: a kernel forward, the backward of the XLA reference.
+"""What the decode kernels share: argument checks of their entry points, and their gradient (a
+kernel forward, the backward of the XLA reference).
 
 Decoding never needs a gradient, but ``jax.grad`` through a program that decodes must still be
 defined; it goes through ``kernels.xla.xla_attention`` with the same mask and scale.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from dar_jax.kernels.xla import xla_attention
 
@@ -31,3 +33,13 @@ def with_xla_backward(forward, platform: str | None = None):
 
     decode.defvjp(decode_fwd, decode_bwd)
     return decode
+
+
+def checked_decode_args(name: str, unsupported_reason, q, k, v, kv_len, scale):
+    """(scale as a float, kv_len as (B,) int32) for a decode kernel's entry point ``name``;
+    raises ValueError with ``unsupported_reason``'s answer when the kernel cannot serve it."""
+    reason = unsupported_reason(q, k, v, "decode", 0, kv_len)
+    if reason:
+        raise ValueError(f"{name}: {reason}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return scale, jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32).reshape(-1), (q.shape[0],))

@@ -345,6 +345,19 @@ def _forward(st: _StaticOptions, q, k, v, kv_len):
 
 
 # ---------------------------------------------------------------- backward
+def _block_grads(st: _StaticOptions, q, k, v, do, lse, delta, rows, cols, off, bk: int,
+                 masked: bool):
+    """One (query block, key block) of the backward: the recomputed probabilities p (bq, bk)
+    (zero where masked) and the score gradients ds = p (dO V^T - delta)."""
+    s = _dot(q, k, trans_b=True, precision=st.precision) * st.scale_log2
+    p = jnp.exp2(s - lse[:, None])
+    vis = _visible(st, rows, cols, off, bk) if masked else None
+    if vis is not None:
+        p = jnp.where(vis, p, 0.0)
+    dp = _dot(do, v, trans_b=True, precision=st.precision)
+    return p, p * (dp - delta[:, None])
+
+
 def _dkv_kernel(*refs, st: _StaticOptions, bq: int, bk: int):
     """One program per (key block, batch, query head): dK, dV of that block."""
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), kvl_ref, (dk_ref, dv_ref) = _split_refs(
@@ -364,14 +377,8 @@ def _dkv_kernel(*refs, st: _StaticOptions, bq: int, bk: int):
         do = _load_rows(do_ref, row0, bq, st.lq)
         lse = _load_vec(lse_ref, row0, bq, st.lq)
         delta = _load_vec(delta_ref, row0, bq, st.lq)
-        s = _dot(q, k, trans_b=True, precision=st.precision) * st.scale_log2
-        p = jnp.exp2(s - lse[:, None])
-        vis = _visible(st, rows, cols, off, bk) if masked else None
-        if vis is not None:
-            p = jnp.where(vis, p, 0.0)
+        p, ds = _block_grads(st, q, k, v, do, lse, delta, rows, cols, off, bk, masked)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
-        dp = _dot(do, v, trans_b=True, precision=st.precision)
-        ds = p * (dp - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
         return dk, dv
 
@@ -401,13 +408,7 @@ def _dq_kernel(*refs, st: _StaticOptions, bq: int, bk: int):
         cols = col0 + jnp.arange(bk)
         k = _load_rows(k_ref, col0, bk, st.lk)
         v = _load_rows(v_ref, col0, bk, st.lk)
-        s = _dot(q, k, trans_b=True, precision=st.precision) * st.scale_log2
-        p = jnp.exp2(s - lse[:, None])
-        vis = _visible(st, rows, cols, off, bk) if masked else None
-        if vis is not None:
-            p = jnp.where(vis, p, 0.0)
-        dp = _dot(do, v, trans_b=True, precision=st.precision)
-        ds = p * (dp - delta[:, None])
+        _, ds = _block_grads(st, q, k, v, do, lse, delta, rows, cols, off, bk, masked)
         return dq + _dot(ds.astype(k.dtype), k, precision=st.precision)
 
     full, hi = _key_blocks(st, row0, bq, bk, off)

@@ -57,15 +57,6 @@ class ARTask(Task):
             self.tokenizer = (tok, tok_cfg, tok_params)
 
     # --- model -----------------------------------------------------------------------------------
-    def init_params(self, key):
-        return ar.init_params(self.model_cfg, key)
-
-    def abstract_params(self):
-        return ar.abstract_params(self.model_cfg)
-
-    def logical_axes(self):
-        return ar.logical_axes(self.model_cfg)
-
     def consts(self):
         return {"tokenizer": self.tokenizer[2]} if self.tokenizer else {}
 
@@ -87,7 +78,7 @@ class ARTask(Task):
             out["image"] = jax.ShapeDtypeStruct((global_batch, size, size, 3), np.float32)
         return out
 
-    def loss(self, params, batch, key, consts, step, target):
+    def loss(self, params, batch, key, consts, step, target, extra):
         tokens = self.tokens_of(batch, consts, target)
         labels = batch["label"]
         logits = ar.forward(self.model_cfg, params, tokens[:, :-1], labels, dropout_key=key,

@@ -62,24 +62,32 @@ def _non_finite(metrics) -> tuple[dict, list[str]]:
 
 
 class Task:
-    """Model-specific parts of training. Subclasses implement the abstract methods."""
+    """Model-specific parts of training. Subclasses set ``family`` and ``model_cfg`` (the
+    parameters' init, shapes and axes come from the family) and implement ``loss`` and data."""
     family: Any = None        # dar_jax.family.Family of the model (exported model directory)
     model_cfg: Any = None     # frozen dataclass of the model
     workdir: str | None = None  # set by the trainer (evaluation outputs go there)
 
     def init_params(self, key):
-        raise NotImplementedError
+        return self.family.init_params(self.model_cfg, key)
 
     def abstract_params(self):
-        return jax.eval_shape(self.init_params, jax.random.key(0))
+        return self.family.abstract_params(self.model_cfg)
 
     def logical_axes(self):
+        return self.family.logical_axes(self.model_cfg)
+
+    def loss(self, params, batch, key, consts, step, target, extra):
+        """-> (scalar loss, aux): differentiated w.r.t. ``params``. ``key``: this step's key;
+        ``extra``: the task state beside the params (read only here); ``target``: the program's
+        platform, mesh and rules (``dar_jax.parallel.Target``), passed to the model. ``aux`` is
+        handed to :meth:`after_update` (by default it is the step's {name: scalar} metrics)."""
         raise NotImplementedError
 
-    def loss(self, params, batch, key, consts, step, target):
-        """-> (scalar loss, {name: scalar metric}); ``target``: the program's platform, mesh and
-        rules (``dar_jax.parallel.Target``), passed to the model."""
-        raise NotImplementedError
+    def after_update(self, params, extra, batch, aux, key, step):
+        """Task work after the optimizer update, inside the step (the tokenizer's discriminator
+        step and dead-code restarts): -> (params, extra, {name: scalar metric})."""
+        return params, extra, aux
 
     def init_extra(self, key, params):
         """Task state beside the params (e.g. a discriminator and its optimizer state)."""
@@ -112,18 +120,23 @@ class Task:
         return 1
 
     def train_step(self, state, batch, consts, *, tx, ema_decay: float, target):
-        """Default step: gradients of ``loss``, optimizer update, optional EMA."""
+        """The one update of every task: this step's key, gradients of :meth:`loss`, the
+        optimizer update, :meth:`after_update`, the EMA of the params (pure; jitted by the
+        trainer with the state donated)."""
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        extra = state.get("extra", {})
         (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(
-            state["params"], batch, key, consts, step, target)
+            state["params"], batch, key, consts, step, target, extra)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        params, extra, metrics = self.after_update(params, extra, batch, aux, key, step)
         new = dict(state, params=params, opt_state=opt_state, step=step + 1)
+        if "extra" in state:
+            new["extra"] = extra
         if ema_decay > 0:
             new["ema"] = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state["ema"], params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
-        return new, metrics
+        return new, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
 
     def evaluate(self, state, step: int, writer: MetricsWriter, target) -> dict:
         """Optional periodic evaluation, on the trainer's ``target`` (every process takes part;

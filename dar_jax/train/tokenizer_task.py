@@ -122,15 +122,6 @@ class TokenizerTask(Task):
         self._eval_batch = None
 
     # --- model -----------------------------------------------------------------------------------
-    def init_params(self, key):
-        return tok.init_params(self.model_cfg, key)
-
-    def abstract_params(self):
-        return tok.abstract_params(self.model_cfg)
-
-    def logical_axes(self):
-        return tok.logical_axes(self.model_cfg)
-
     def init_extra(self, key, params):
         extra = {"usage": jnp.full((USAGE_BUFFER,), self.model_cfg.vq_codebook_size, jnp.int32)}
         if self.gan_cfg.enabled:
@@ -148,37 +139,37 @@ class TokenizerTask(Task):
         return out
 
     # --- losses ----------------------------------------------------------------------------------
-    def losses(self, params, images, fb, consts, disc_params, step, target):
+    def losses(self, params, images, flow_batch, consts, disc_params, step, target):
         """All generator terms for one batch; returns (total, (metrics, codes, fake))."""
-        cfg, lc = self.model_cfg, self.loss_cfg
+        cfg, loss_cfg = self.model_cfg, self.loss_cfg
         q = tok.encode_latents(cfg, params, images, target=target)
-        vq, commit = quantizer.vq_losses(q, fb.query_end, lc.commit_beta)
+        vq, commit = quantizer.vq_losses(q, flow_batch.query_end, loss_cfg.commit_beta)
         codebook_terms = vq + commit
         quant = q.quant
-        if lc.vq_warmup_steps:
-            quantized = step >= lc.vq_warmup_steps
+        if loss_cfg.vq_warmup_steps:
+            quantized = step >= loss_cfg.vq_warmup_steps
             quant = jnp.where(quantized, q.quant, q.z_norm)
             codebook_terms = codebook_terms * quantized.astype(jnp.float32)
         metrics = {"vq_loss": vq, "commit_loss": commit}
-        if lc.entropy_weight:
+        if loss_cfg.entropy_weight:
             ent = entropy_loss(q.z_norm, params["codebook"])
-            codebook_terms = codebook_terms + lc.entropy_weight * ent
+            codebook_terms = codebook_terms + loss_cfg.entropy_weight * ent
             metrics["entropy_loss"] = ent
         cond = tok.quant_to_cond(cfg, params, quant, target=target)
-        window = flow.gather_window(cond, fb.start, cfg.queries_per_step)
+        window = flow.gather_window(cond, flow_batch.start, cfg.queries_per_step)
         use_repa = self.dino is not None
-        out = tok.velocity(cfg, params, fb.x_t, fb.t, window, return_repa=use_repa, target=target)
+        out = tok.velocity(cfg, params, flow_batch.x_t, flow_batch.t, window, return_repa=use_repa, target=target)
         v, h_repa = out if use_repa else (out, None)
-        fm = flow.flow_matching_loss(v, fb.target, cfg.data_std)
-        fake = flow.predict_data(fb.x_t, v, fb.t, cfg.data_std)
-        total = lc.codebook_weight * codebook_terms + fm
+        fm = flow.flow_matching_loss(v, flow_batch.target, cfg.data_std)
+        fake = flow.predict_data(flow_batch.x_t, v, flow_batch.t, cfg.data_std)
+        total = loss_cfg.codebook_weight * codebook_terms + fm
         metrics["fm_loss"] = fm
         if self.lpips is not None:
             from dar_jax.perceptual.lpips import lpips
             # the VGG convolutions in the model's compute dtype (bf16 for the v1 recipe, as under
             # the reference's autocast); normalisation and heads stay float32
             p_loss = jnp.mean(lpips(consts["lpips"], images, fake, dtype=jnp.dtype(cfg.dtype)))
-            total = total + abs(lc.perceptual_weight) * p_loss
+            total = total + abs(loss_cfg.perceptual_weight) * p_loss
             metrics["perceptual_loss"] = p_loss
         if use_repa:
             from dar_jax.perceptual import dinov2
@@ -186,43 +177,42 @@ class TokenizerTask(Task):
             target = jax.lax.stop_gradient(
                 dinov2.patch_tokens(dcfg, consts["dino"], dinov2.repa_preprocess(images), target))
             r_loss = dinov2.repa_loss(h_repa, target)
-            total = total + lc.repa_weight * r_loss
+            total = total + loss_cfg.repa_weight * r_loss
             metrics["repa_loss"] = r_loss
         if disc_params is not None:
-            adv = gan.g_loss(gan.apply(self.disc_cfg, jax.lax.stop_gradient(disc_params), fake, fb.t))
+            adv = gan.g_loss(gan.apply(self.disc_cfg, jax.lax.stop_gradient(disc_params), fake, flow_batch.t))
             on = (step >= self.gan_cfg.start_step).astype(jnp.float32)
             total = total + on * self.gan_cfg.weight * adv
             metrics["gen_adv_loss"] = adv
         return total, (metrics, q.codes, fake, q.z_norm)
 
-    def train_step(self, state, batch, consts, *, tx, ema_decay, target):
+    def loss(self, params, batch, key, consts, step, target, extra):
+        """The generator's loss on a flow batch drawn from this step's key (first half)."""
+        flow_batch = flow.sample_flow_batch(self.model_cfg, batch["image"], jax.random.split(key)[0])
+        total, (metrics, codes, fake, z_norm) = self.losses(
+            params, batch["image"], flow_batch, consts, extra.get("disc"), step, target)
+        return total, (metrics, codes, fake, z_norm, flow_batch)
+
+    def after_update(self, params, extra, batch, aux, key, step):
+        """Dead-code restarts of the updated codebook, the discriminator's step (from
+        ``gan.start_step``) and the codebook-usage statistic (second half of the key)."""
         cfg = self.model_cfg
-        step = state["step"]
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        k_flow, k_usage = jax.random.split(key)
+        metrics, codes, fake, z_norm, flow_batch = aux
         images = batch["image"]
-        fb = flow.sample_flow_batch(cfg, images, k_flow)
-        extra = dict(state["extra"])
-        disc = extra.get("disc")
-        (loss, (metrics, codes, fake, z_norm)), grads = jax.value_and_grad(self.losses, has_aux=True)(
-            state["params"], images, fb, consts, disc, step, target)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        extra = dict(extra)
         every = self.loss_cfg.dead_code_restart_every
         if every:
             restart = ((step + 1) % every == 0) & (step >= self.loss_cfg.vq_warmup_steps)
             params = dict(params, codebook=quantizer.restart_dead_codes(
                 params["codebook"], extra["usage"], z_norm, jax.random.fold_in(key, 7), restart))
-        new = dict(state, params=params, opt_state=opt_state, step=step + 1)
-        if ema_decay > 0:
-            new["ema"] = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state["ema"], params)
+        disc = extra.get("disc")
         if disc is not None:
-            weight = fb.t if self.gan_cfg.t_weighting else None
+            weight = flow_batch.t if self.gan_cfg.t_weighting else None
             fake_sg = jax.lax.stop_gradient(fake)
 
             def d_objective(dp):
-                real = gan.apply(self.disc_cfg, dp, images, fb.t)
-                fake_l = gan.apply(self.disc_cfg, dp, fake_sg, fb.t)
+                real = gan.apply(self.disc_cfg, dp, images, flow_batch.t)
+                fake_l = gan.apply(self.disc_cfg, dp, fake_sg, flow_batch.t)
                 return gan.d_loss(real, fake_l, weight), (real.mean(), fake_l.mean())
 
             (d_loss, (lr_, lf_)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(disc)
@@ -231,12 +221,11 @@ class TokenizerTask(Task):
             extra["disc"] = jax.tree.map(lambda new_, old: jnp.where(on, new_, old),
                                          optax.apply_updates(disc, d_updates), disc)
             extra["disc_opt"] = jax.tree.map(lambda new_, old: jnp.where(on, new_, old), d_opt, extra["disc_opt"])
-            metrics.update(disc_loss=d_loss, logits_real=lr_, logits_fake=lf_)
-        extra["usage"], usage = quantizer.update_usage(extra["usage"], codes, k_usage, cfg.vq_codebook_size)
-        new["extra"] = extra
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), codebook_usage=usage,
-                       dead_code_rate=quantizer.dead_code_rate(codes))
-        return new, metrics
+            metrics = dict(metrics, disc_loss=d_loss, logits_real=lr_, logits_fake=lf_)
+        extra["usage"], usage = quantizer.update_usage(extra["usage"], codes, jax.random.split(key)[1],
+                                                       cfg.vq_codebook_size)
+        return params, extra, dict(metrics, codebook_usage=usage,
+                                   dead_code_rate=quantizer.dead_code_rate(codes))
 
     # --- data ------------------------------------------------------------------------------------
     def make_data(self, *, split, process_index, process_count, purpose="tokenizer"):
