@@ -5,7 +5,10 @@ One step rule per solver, shared by the tokenizer's decode loop and by :func:`in
 ``euler``     x += dt v                                     (the reference's, 1 evaluation / step)
 ``adams2``    first step Euler, then x += dt (1.5 v_i - 0.5 v_{i-1})   (the reference's default;
               constant coefficients, exactly as the reference, also on its non-uniform grid)
-``heun``      predictor Euler, corrector trapezoid          (2 evaluations / step)
+``heun``      predictor Euler, corrector trapezoid          (2 evaluations / step); a step that
+              ends at t = 1 is Euler (as EDM's Heun at sigma = 0): the corrector would evaluate
+              the network at the data end, where flow matching never trains it (t ~ U[0, 1)),
+              and that evaluation made finals and previews noisy
 ``dpmpp_2m``  DPM-Solver++(2M) in data-prediction form for the flow x_t = t x1 + (1 - t) x0,
               i.e. alpha_t = t, sigma_t = 1 - t, lambda = log(t / (1 - t)), data prediction
               x1_hat = x + (1 - t) v. First order (= Euler for this flow) on a run's first step
@@ -69,8 +72,8 @@ def step(solver: str, evaluate: Callable, x, v, hist: History, t, t_next):
         return x + dt * d, History(v, t, jnp.ones((), jnp.bool_))
     if solver == "heun":
         x_pred = x + dt * v
-        v2 = evaluate(x_pred, t_next)
-        return x + dt * (0.5 * (v + v2)), hist
+        corrected = lambda: x + dt * (0.5 * (v + evaluate(x_pred, t_next)))
+        return jax.lax.cond(t_next < 1.0, corrected, lambda: x_pred), hist
     if solver == "dpmpp_2m":
         sigma, sigma_next = 1.0 - t, 1.0 - t_next
         x1_hat = x + sigma * v
