@@ -33,14 +33,6 @@ VERSION = 1
 INDEX = "index.json"
 
 
-def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-    io.write_file(path, lambda f: np.save(f, array))
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-    io.write_json(path, obj)
-
-
 def _code_dtype(vocab_size: int | None) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size is not None and vocab_size <= 2 ** 16 \
         else np.dtype(np.int32)
@@ -108,8 +100,8 @@ class CodeShardWriter:
         labels = np.concatenate(self._labels)
         stem = f"w{self.writer_index:05d}-s{len(self._shards):05d}"
         shard = {"codes": f"codes-{stem}.npy", "labels": f"labels-{stem}.npy", "num_examples": n}
-        _atomic_save_npy(os.path.join(self.out_dir, shard["codes"]), codes[:n])
-        _atomic_save_npy(os.path.join(self.out_dir, shard["labels"]), labels[:n])
+        io.write_file(os.path.join(self.out_dir, shard["codes"]), lambda f: np.save(f, codes[:n]))
+        io.write_file(os.path.join(self.out_dir, shard["labels"]), lambda f: np.save(f, labels[:n]))
         self._shards.append(shard)
         self._codes, self._labels = [codes[n:]], [labels[n:]]
         self._buffered -= n
@@ -121,7 +113,7 @@ class CodeShardWriter:
                 self._flush(self._buffered)
             part = {"num_crops": self.num_crops, "seq_len": self.seq_len,
                     "dtype": self.dtype.name, "shards": self._shards}
-            _atomic_write_json(self._part_path(), part)
+            io.write_json(self._part_path(), part)
             self._closed = True
         return self._part_path()
 
@@ -168,7 +160,7 @@ def finalize_code_shards(out_dir: str, *, num_classes: int | None = None,
              "num_crops": num_crops, "seq_len": seq_len,
              "num_classes": int(num_classes if num_classes is not None else max_label + 1),
              "dtype": dtype, "shards": shards, "meta": dict(meta or {})}
-    _atomic_write_json(os.path.join(out_dir, INDEX), index)
+    io.write_json(os.path.join(out_dir, INDEX), index)
     for path in parts:
         os.remove(path)
     return index

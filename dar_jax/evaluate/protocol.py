@@ -85,11 +85,6 @@ class ShardPlan:
         return os.path.join(self.directory, f"shard_{shard:05d}.npz")
 
 
-def _atomic_write(path: str, write: Callable) -> None:
-    from dar_jax import io
-    io.write_file(path, write)   # temporary names unique across processes and hosts
-
-
 def _shard_files(directory: str) -> list[str]:
     try:
         return sorted(f for f in os.listdir(directory) if f.startswith("shard_") and f.endswith(".npz"))
@@ -152,8 +147,8 @@ def prepare_shards(directory: str | os.PathLike, labels: np.ndarray, shard_size:
             raise ShardError(f"{directory} holds samples of another run (differs in {', '.join(diffs)}"
                              f"{why}); use a new directory or the same settings")
     else:
-        _atomic_write(lpath, lambda f: np.save(f, labels))
-        _atomic_write(mpath, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+        io.write_file(lpath, lambda f: np.save(f, labels))
+        io.write_json(mpath, manifest, sort_keys=True)
     return ShardPlan(directory, labels, int(shard_size), manifest["settings"])
 
 
@@ -221,7 +216,7 @@ def generate_samples(plan: ShardPlan, generate_fn: Callable[[np.ndarray, np.ndar
         idx = plan.indices(i)
         labels = plan.labels[idx]
         images = _check_batch(generate_fn(labels, idx), len(idx), i)
-        _atomic_write(plan.path(i), lambda f: np.savez(f, images=images, labels=labels, indices=idx))
+        io.write_file(plan.path(i), lambda f: np.savez(f, images=images, labels=labels, indices=idx))
         report["generated"].append(i)
         if on_shard is not None:
             on_shard(len(report["generated"]) + len(report["skipped"]), len(mine))
@@ -270,7 +265,7 @@ def assemble_npz(plan: ShardPlan, path: str | os.PathLike, labels_key: str | Non
                 with zf.open(f"{labels_key}.npy", "w") as member:
                     np.lib.format.write_array(member, plan.labels)
 
-    _atomic_write(path, write)
+    io.write_file(path, write)
     return path
 
 
