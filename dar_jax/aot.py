@@ -602,7 +602,7 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
     from jax.sharding import NamedSharding, PartitionSpec as P
     from dar_jax import ar, parallel, pipeline
     from dar_jax import tokenizer as tok
-    from dar_jax.ar import generation as G
+    from dar_jax.ar import generation
     from dar_jax import solvers as SO
     from dar_jax.tokenizer import sequential as SQ
     from dar_jax.train.ar_task import gpt_train_flops_per_example
@@ -615,7 +615,7 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
     num_steps = int(num_steps or tok_cfg.num_denoising_steps)
     solver = SO.canonical(solver)
     n_tok = gpt_cfg.block_size
-    st = G._StaticOptions(num_tokens=n_tok, cfg_active=cfg_scale > 1.0, top_k=0, use_top_p=False,
+    st = generation._StaticOptions(num_tokens=n_tok, cfg_active=cfg_scale > 1.0, top_k=0, use_top_p=False,
                    greedy=False, cfg_interval=-1, target=target)
     rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
@@ -627,13 +627,13 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
 
     def inputs(labels, keys):
         keys = jax.random.wrap_key_data(keys)
-        return G._TracedInputs(labels, keys, jnp.float32(cfg_scale), jnp.float32(cfg_scale),
+        return generation._TracedInputs(labels, keys, jnp.float32(cfg_scale), jnp.float32(cfg_scale),
                          jnp.float32(1.0), jnp.float32(1.0), jnp.zeros((batch, n_tok), jnp.int32),
                          jnp.int32(0))
 
     def whole(gpt_params, tok_params, labels, keys):
         inp = inputs(labels, keys)
-        tokens = G._generate(gpt_cfg, st, gpt_params, inp)
+        tokens = generation._generate(gpt_cfg, st, gpt_params, inp)
         noise = pipeline.decode_noise(inp.keys, h, w)
         model = tok.bind(tok_cfg, tok_params)
         cond = model.decoder_layers_forward(tok.quantizer.lookup(tokens, model.codebook[...]),

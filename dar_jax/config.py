@@ -1,15 +1,15 @@
 """The one config system of dar-jax.
 
 Runs are described by ``ml_collections.ConfigDict`` files in ``configs/`` (a Python file with
-``get_config(arg=None)``), locked so that a misspelt key is an error, and overridable with
-``key.sub=value`` strings (the same syntax as ``--config.key.sub=value`` on the command line).
+``get_config(arg=None)``, as in big_vision: ``--config=file[:arg]``), locked so that a misspelt
+key is an error naming it, and overridden by ``ml_collections.config_flags`` from
+``--config.key.sub=value`` arguments.
 Model code never sees a ConfigDict: it takes frozen dataclasses (hashable, so they can be static
 arguments of ``jax.jit``), built here from mappings with :func:`from_mapping`, which names every
 unknown key.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib.util
 import os
@@ -85,64 +85,99 @@ def to_dict(obj) -> dict[str, Any]:
 
 def load_config(path: str, overrides: Sequence[str] = (), arg: str | None = None
                 ) -> ml_collections.ConfigDict:
-    """Loads ``get_config(arg)`` from a Python config file, locks it and applies overrides.
-
-    ``path`` may end in ``:arg`` (as with ``config_flags``). Overrides are ``"a.b=value"``
-    strings; values are parsed as Python literals when possible.
-    """
+    """``get_config(arg)`` of a Python config file (``path`` may end in ``:arg``), locked, with
+    ``overrides`` applied by :func:`apply_overrides`. A missing file, a file that fails, an
+    unknown key or a value of the wrong type is a :class:`ConfigError`."""
     if arg is None and ":" in os.path.basename(path):
         path, arg = path.rsplit(":", 1)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(
-        "dar_config_" + os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} defines no get_config()")
-    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    where = f"{path}:{arg}" if arg is not None else path
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "dar_config_" + os.path.splitext(os.path.basename(path))[0], path)
+        if spec is None:
+            raise ConfigError(f"{path} is not a Python config file (configs/*.py)")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise ConfigError(f"{path} defines no get_config()")
+        cfg = module.get_config(arg) if arg is not None else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:   # the user's file: any error in it is named, not a traceback
+        raise ConfigError(f"config {where} failed to load: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
-        cfg = ml_collections.ConfigDict(cfg)
+        raise ConfigError(f"{where}: get_config() must return an ml_collections.ConfigDict, "
+                          f"got {type(cfg).__name__}")
     cfg.lock()
     apply_overrides(cfg, overrides)
     return cfg
 
 
-def _parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """Applies ``"a.b=value"`` overrides in place; an unknown key is a :class:`ConfigError`."""
+    """Applies ``"a.b=value"`` / ``"--config.a.b=value"`` overrides to ``cfg`` in place with
+    ``ml_collections.config_flags`` (each value parsed by the type of the field it sets; fields
+    that default to None are typed placeholders). An unknown key or a bad value is a
+    :class:`ConfigError` naming it."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["dar_jax"]
     for item in overrides:
-        if "=" not in item:
+        item = item.strip()
+        item = item[len("--config."):] if item.startswith("--config.") else item
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if key.startswith("--config."):
-            key = key[len("--config."):]
-        parts = key.split(".")
-        node = cfg
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r}")
-            node = node[part]
-        last = parts[-1]
-        if not isinstance(node, ml_collections.ConfigDict) or last not in node:
-            raise ConfigError(f"unknown config key {key!r}")
-        value = _parse_value(text)
-        old = node[last]
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(old, str) and not isinstance(value, str):
-            value = text
-        try:
-            node[last] = value
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"cannot set {key!r} to {text!r}: {e}") from None
+        _check_key(cfg, key)
+        argv.append("--config." + item)
+    if len(argv) == 1:
+        return
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", cfg, flag_values=values, sys_argv=argv)
+    try:
+        values(argv)
+    except (flags.Error, TypeError, ValueError, KeyError, AttributeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(" ".join(lines) or type(e).__name__) from None
+
+
+def _check_key(cfg: ml_collections.ConfigDict, key: str) -> None:
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:i]) or "the config"
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r}"
+                              + (f" (keys of {where}: {known})" if known else ""))
+        node = node[part]
+
+
+def typed_section(values: Mapping[str, Any], cls) -> ml_collections.ConfigDict:
+    """A ConfigDict of ``values`` in which each ``None`` is a typed placeholder of the field's
+    type in dataclass ``cls`` (``Optional[int]`` -> ``placeholder(int)``), so that it can be
+    overridden from the command line like any other key."""
+    from ml_collections import config_dict
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    out = ml_collections.ConfigDict()
+    for name, value in values.items():
+        if value is None:
+            kind = _placeholder_type(hints.get(name))
+            out[name] = config_dict.placeholder(kind) if kind is not None else None
+        elif isinstance(value, Mapping):
+            sub = hints.get(name)
+            out[name] = typed_section(value, sub if dataclasses.is_dataclass(sub) else None)
+        else:
+            out[name] = value
+    return out
+
+
+def _placeholder_type(hint):
+    """``Optional[X]`` / ``X | None`` -> X for X in (int, float, str, bool); else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and args[0] in (int, float, str, bool):
+        return args[0]
+    return hint if hint in (int, float, str, bool) else None
 
 
 def as_plain(x):

@@ -169,6 +169,43 @@ def test_run_config_errors_name_the_problem(tmp_path):
         load_config(str(tmp_path / "nope.py"))
     cfg = load_config(str(REPO / "configs" / "ar_gpt_l.py"), ["--config.optim.lr=2e-4", "train.steps=7"])
     assert cfg.optim.lr == 2e-4 and cfg.train.steps == 7 and cfg.model.size == "GPT-L"
+    with pytest.raises(ConfigError, match="optim.lr=abc.*float"):
+        load_config(str(REPO / "configs" / "ar_gpt_b.py"), ["optim.lr=abc"])
+    with pytest.raises(ConfigError, match="unknown variant 'huge'"):
+        load_config(str(REPO / "configs" / "shapes_ar.py:huge"))
+    bad = tmp_path / "broken.py"
+    bad.write_text("def get_config():\n    return undefined_name\n")
+    with pytest.raises(ConfigError, match="broken.py failed to load: NameError"):
+        load_config(str(bad))
+
+
+def test_config_variants_placeholders_and_typed_sections():
+    """tiny/default are variants of one file (the old paths name the same configs); keys that
+    default to None are typed placeholders, overridable from the command line; the trainer's
+    sections are typed dataclasses whose defaults are the config's."""
+    import dataclasses
+    from dar_jax.config import ConfigError, as_plain, load_config
+    from dar_jax.train.optim import OptimConfig
+    from dar_jax.train.run_config import base_config, run_sections
+    for kind in ("ar", "tokenizer"):
+        for variant in ("tiny", "default"):
+            assert (as_plain(load_config(str(REPO / "configs" / f"{variant}_{kind}.py")))
+                    == as_plain(load_config(str(REPO / "configs" / f"shapes_{kind}.py:{variant}"))))
+    assert as_plain(load_config(str(REPO / "configs" / "shapes_ar.py"))) == as_plain(
+        load_config(str(REPO / "configs" / "default_ar.py")))
+    cfg = load_config(str(REPO / "configs" / "ar_gpt_b.py"))
+    assert cfg.model.dim is None and cfg.model.ffn_dim_multiplier is None
+    cfg = load_config(str(REPO / "configs" / "ar_gpt_b.py"),
+                      ["model.dim=512", "model.n_layer=3", "model.ffn_dim_multiplier=1.5"])
+    assert (cfg.model.dim, cfg.model.n_layer, cfg.model.ffn_dim_multiplier) == (512, 3, 1.5)
+    with pytest.raises(ConfigError, match="model.dim=wide"):
+        load_config(str(REPO / "configs" / "ar_gpt_b.py"), ["model.dim=wide"])
+    sections = run_sections(base_config("ar"))
+    assert sections.optim == OptimConfig() and OptimConfig().b2 == 0.95
+    assert dataclasses.asdict(sections.train) == dict(base_config("ar").train)
+    with pytest.raises(ConfigError, match="checkpoint.keep must be >= 1.*export_dtype"):
+        run_sections(load_config(str(REPO / "configs" / "tiny_ar.py"),
+                                 ["checkpoint.keep=0", "checkpoint.export_dtype=int8"]))
 
 
 def test_train_cli_reports_bad_input_in_one_line(tmp_path):

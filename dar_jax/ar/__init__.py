@@ -12,15 +12,15 @@ import jax
 from dar_jax.ar.generation import (CfgSchedule, GenState, Generation, SamplingError, check_keys,
                                    check_labels, filter_logits, generate, parse_cfg_scale,
                                    prepare_generation, sample_keys)
-from dar_jax.ar.model import (GPT, GPT_FN, GPT_SIZES, GPTConfig, bind, gpt_config,
+from dar_jax.ar.model import (GPT, PURE_GPT, GPT_SIZES, GPTConfig, bind, gpt_config,
                               graphdef_and_abstract)
 from dar_jax.ar.reference import gpt_key_map, load_reference_gpt
 from dar_jax.family import Family
 
 
-init_params = GPT_FN.init_params          # (cfg, key) -> params (pure dict, float32)
-abstract_params = GPT_FN.abstract_params  # (cfg) -> ShapeDtypeStruct pytree
-logical_axes = GPT_FN.logical_axes        # (cfg) -> logical axis names, like the params
+init_params = PURE_GPT.init_params          # (cfg, key) -> params (pure dict, float32)
+abstract_params = PURE_GPT.abstract_params  # (cfg) -> ShapeDtypeStruct pytree
+logical_axes = PURE_GPT.logical_axes        # (cfg) -> logical axis names, like the params
 
 FAMILY = Family(kind="gpt", config_class=GPTConfig, init_params=init_params,
                 abstract_params=abstract_params, logical_axes=logical_axes, key_map=gpt_key_map)

@@ -94,7 +94,7 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | None) -> jax
     return logits
 
 
-def _pick(logits, keys, step, temperature, top_p, st: _StaticOptions):
+def _sample_token(logits, keys, step, temperature, top_p, st: _StaticOptions):
     """Samples one token per row from (B, V) float32 logits."""
     logits = logits / jnp.maximum(temperature, 1e-5)
     logits = filter_logits(logits, st.top_k, top_p if st.use_top_p else None)
@@ -130,7 +130,7 @@ def _model(cfg: GPTConfig, params, target: Target):
     return bind(cfg, params)
 
 
-def _choose(cfg: GPTConfig, st: _StaticOptions, inp: _TracedInputs, logits, step):
+def _next_token(cfg: GPTConfig, st: _StaticOptions, inp: _TracedInputs, logits, step):
     """Token ``step`` for each sample from the (rows, V) logits of the rows' last position."""
     b = inp.labels.shape[0]
     logits = logits[:, -1]
@@ -142,7 +142,7 @@ def _choose(cfg: GPTConfig, st: _StaticOptions, inp: _TracedInputs, logits, step
         if st.cfg_interval > -1:
             mixed = jnp.where(step - 1 > st.cfg_interval, cond, mixed)
         logits = mixed
-    tok = _pick(logits, inp.keys, step, inp.temperature, inp.top_p, st)
+    tok = _sample_token(logits, inp.keys, step, inp.temperature, inp.top_p, st)
     return jnp.where(step < inp.prefix_len, inp.prefix[:, step], tok)
 
 
@@ -154,7 +154,7 @@ def _prefill(cfg: GPTConfig, st: _StaticOptions, params, inp: _TracedInputs) -> 
         labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)])
     cache = model.init_cache(labels.shape[0])
     logits, cache = model.decode(model.embed_labels(labels)[:, None], 0, cache, st.target)
-    first = _choose(cfg, st, inp, logits, jnp.int32(0))
+    first = _next_token(cfg, st, inp, logits, jnp.int32(0))
     tokens = jnp.zeros((inp.labels.shape[0], st.num_tokens), jnp.int32).at[:, 0].set(first)
     return GenState(tokens, cache)
 
@@ -169,7 +169,7 @@ def _advance(cfg: GPTConfig, st: _StaticOptions, params, inp: _TracedInputs, sta
         if st.cfg_active:
             prev = jnp.concatenate([prev, prev])
         logits, cache = model.decode(model.embed_tokens(prev)[:, None], step, cache, st.target)
-        return out.at[:, step].set(_choose(cfg, st, inp, logits, step)), cache
+        return out.at[:, step].set(_next_token(cfg, st, inp, logits, step)), cache
 
     return GenState(*jax.lax.fori_loop(start, stop, body, tuple(state)))
 

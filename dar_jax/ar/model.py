@@ -17,10 +17,10 @@ from flax import nnx
 
 from dar_jax.nn.layers import DTYPES
 from dar_jax.config import ConfigError, sized_config
-from dar_jax.nn import layers as L
-from dar_jax.nn import remat as R
+from dar_jax.nn import layers
+from dar_jax.nn import remat as remat_policy
 from dar_jax.nn.attention import attention
-from dar_jax.nn.functional import Functional
+from dar_jax.nn.functional import PureModule
 from dar_jax.nn.rope import apply_rope, rope_1d_table
 from dar_jax.parallel.target import Target, default_target
 
@@ -61,7 +61,7 @@ class GPTConfig:
 
     def __post_init__(self):
         try:
-            object.__setattr__(self, "remat", R.canonical(self.remat))
+            object.__setattr__(self, "remat", remat_policy.canonical(self.remat))
         except ValueError as e:
             raise ConfigError(f"GPT {e}") from None
         if self.dim % self.n_head:
@@ -78,7 +78,7 @@ class GPTConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        return L.swiglu_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        return layers.swiglu_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     @property
     def compute_dtype(self):
@@ -96,24 +96,24 @@ class Attention(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         h, d, std = cfg.n_head, cfg.head_dim, cfg.initializer_range
         self.cfg = cfg
-        self.wqkv = L.param(L.normal(std)(rngs.params(), (cfg.dim, 3, h, d)),
-                            (L.EMBED, None, L.HEADS, L.HEAD_DIM))
-        self.wo = L.param(L.normal(std)(rngs.params(), (h, d, cfg.dim)),
-                          (L.HEADS, L.HEAD_DIM, L.EMBED))
+        self.wqkv = layers.param(layers.normal(std)(rngs.params(), (cfg.dim, 3, h, d)),
+                            (layers.EMBED, None, layers.HEADS, layers.HEAD_DIM))
+        self.wo = layers.param(layers.normal(std)(rngs.params(), (h, d, cfg.dim)),
+                          (layers.HEADS, layers.HEAD_DIM, layers.EMBED))
 
     def qkv(self, x, cos, sin, target: Target):
         """x: (B, L, D) -> q, k, v: (B, L, H, Dh), q and k rotated."""
         dtype = self.cfg.compute_dtype
         qkv = jnp.einsum("bld,dthk->blthk", x.astype(dtype), self.wqkv[...].astype(dtype))
-        qkv = R.name(target.constrain(qkv, ("batch", "length", None, "heads", "head_dim")), "qkv")
+        qkv = remat_policy.name(target.constrain(qkv, ("batch", "length", None, "heads", "head_dim")), "qkv")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, y, target: Target):
         dtype = self.cfg.compute_dtype
-        y = R.name(target.constrain(y, ACT_HEADS), "context")
+        y = remat_policy.name(target.constrain(y, ACT_HEADS), "context")
         out = jnp.einsum("blhk,hkd->bld", y, self.wo[...].astype(dtype))
-        return R.name(target.constrain(out, ACT), "attn_out")
+        return remat_policy.name(target.constrain(out, ACT), "attn_out")
 
     def __call__(self, x, cos, sin, target: Target):
         """Full causal self-attention. x: (B, L, D)."""
@@ -142,10 +142,10 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.attention_norm = L.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention_norm = layers.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg, rngs=rngs)
-        self.ffn_norm = L.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.feed_forward = L.SwiGLU(cfg.dim, cfg.ffn_hidden, rngs=rngs, dtype=cfg.compute_dtype,
+        self.ffn_norm = layers.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = layers.SwiGLU(cfg.dim, cfg.ffn_hidden, rngs=rngs, dtype=cfg.compute_dtype,
                                      init_std=cfg.initializer_range)
 
     def ffn(self, h, target: Target):
@@ -154,8 +154,8 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, target: Target, keys=(None, None)):
         cfg = self.cfg
         a = self.attention(self.attention_norm(x), cos, sin, target)
-        h = x + L.dropout(a, cfg.resid_dropout_p, keys[0])
-        return target.constrain(h + L.dropout(self.ffn(h, target), cfg.ffn_dropout_p, keys[1]), ACT)
+        h = x + layers.dropout(a, cfg.resid_dropout_p, keys[0])
+        return target.constrain(h + layers.dropout(self.ffn(h, target), cfg.ffn_dropout_p, keys[1]), ACT)
 
     def decode(self, x, cos, sin, cache, pos, target: Target):
         a, cache = self.attention.decode(self.attention_norm(x), cos, sin, cache, pos, target)
@@ -169,13 +169,13 @@ class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         std = cfg.initializer_range
-        self.tok_embeddings = L.param(L.normal(std)(rngs.params(), (cfg.vocab_size, cfg.dim)),
-                                      (L.VOCAB, L.EMBED))
-        self.cls_embedding = L.param(L.normal(std)(rngs.params(), (cfg.num_classes + 1, cfg.dim)),
-                                     (L.CLASSES, L.EMBED))
+        self.tok_embeddings = layers.param(layers.normal(std)(rngs.params(), (cfg.vocab_size, cfg.dim)),
+                                      (layers.VOCAB, layers.EMBED))
+        self.cls_embedding = layers.param(layers.normal(std)(rngs.params(), (cfg.num_classes + 1, cfg.dim)),
+                                     (layers.CLASSES, layers.EMBED))
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
-        self.norm = L.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.output = L.param(jnp.zeros((cfg.dim, cfg.vocab_size)), (L.EMBED, L.VOCAB))
+        self.norm = layers.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = layers.param(jnp.zeros((cfg.dim, cfg.vocab_size)), (layers.EMBED, layers.VOCAB))
 
     # --- pieces -------------------------------------------------------------------------------
     def rope(self):
@@ -206,15 +206,15 @@ class GPT(nnx.Module):
         """
         cfg = self.cfg
         target = target or default_target()
-        keys = L.KeySplitter(dropout_key)
+        keys = layers.KeySplitter(dropout_key)
         if dropout_key is not None and cfg.class_dropout_prob > 0:
             drop = jax.random.uniform(keys(), labels.shape) < cfg.class_dropout_prob
             labels = jnp.where(drop, cfg.num_classes, labels)
         x = jnp.concatenate([self.embed_labels(labels)[:, None], self.embed_tokens(tokens)], axis=1)
-        x = target.constrain(L.dropout(x, cfg.token_dropout_p, keys()), ACT)
+        x = target.constrain(layers.dropout(x, cfg.token_dropout_p, keys()), ACT)
         cos, sin = self.rope()
         cos, sin = cos[: x.shape[1]], sin[: x.shape[1]]
-        block = R.remat(lambda blk, x_, k_: blk(x_, cos, sin, target, k_), cfg.remat)
+        block = remat_policy.remat(lambda blk, x_, k_: blk(x_, cos, sin, target, k_), cfg.remat)
         for layer in self.layers:
             x = block(layer, x, (keys(), keys()))
         return self.head(x, target)
@@ -244,6 +244,6 @@ class GPT(nnx.Module):
         return self.head(x, target), tuple(new_cache)
 
 
-GPT_FN = Functional(GPT)
-graphdef_and_abstract = GPT_FN.graphdef_and_abstract
-bind = GPT_FN.bind  # bind(cfg, params) -> GPT: the module holding params (cheap inside jit)
+PURE_GPT = PureModule(GPT)
+graphdef_and_abstract = PURE_GPT.graphdef_and_abstract
+bind = PURE_GPT.bind  # bind(cfg, params) -> GPT: the module holding params (cheap inside jit)

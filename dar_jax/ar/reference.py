@@ -6,22 +6,22 @@ import os
 
 import numpy as np
 
-from dar_jax.checkpoint import mapping as M
+from dar_jax.checkpoint import mapping
 from dar_jax.checkpoint.torch_pickle import CheckpointError, find_state_dict, load_torch_file
-from dar_jax.ar.model import GPT_FN, GPT_SIZES, GPTConfig, gpt_config
+from dar_jax.ar.model import PURE_GPT, GPT_SIZES, GPTConfig, gpt_config
 from dar_jax.config import ConfigError
 
 GPT_STATE_KEYS = ("model", "module", "state_dict")
 
 
-def gpt_key_map(cfg: GPTConfig) -> M.KeyMap:
+def gpt_key_map(cfg: GPTConfig) -> mapping.KeyMap:
     """torch key -> (param path, transform) for LlamaGen's c2i GPT."""
     d, h, hd = cfg.dim, cfg.n_head, cfg.head_dim
-    km: M.KeyMap = {
-        "tok_embeddings.weight": (("tok_embeddings",), M.identity),
-        "cls_embedding.embedding_table.weight": (("cls_embedding",), M.identity),
-        "norm.weight": (("norm", "weight"), M.identity),
-        "output.weight": (("output",), M.transpose),
+    km: mapping.KeyMap = {
+        "tok_embeddings.weight": (("tok_embeddings",), mapping.identity),
+        "cls_embedding.embedding_table.weight": (("cls_embedding",), mapping.identity),
+        "norm.weight": (("norm", "weight"), mapping.identity),
+        "output.weight": (("output",), mapping.transpose),
     }
     for i in range(cfg.n_layer):
         p = f"layers.{i}."
@@ -30,9 +30,9 @@ def gpt_key_map(cfg: GPTConfig) -> M.KeyMap:
         km[p + "attention.wo.weight"] = (("layers", i, "attention", "wo"),
                                          lambda w: w.T.reshape(h, hd, d))
         for name in ("w1", "w2", "w3"):
-            km[p + f"feed_forward.{name}.weight"] = (("layers", i, "feed_forward", name, "kernel"), M.transpose)
-        km[p + "attention_norm.weight"] = (("layers", i, "attention_norm", "weight"), M.identity)
-        km[p + "ffn_norm.weight"] = (("layers", i, "ffn_norm", "weight"), M.identity)
+            km[p + f"feed_forward.{name}.weight"] = (("layers", i, "feed_forward", name, "kernel"), mapping.transpose)
+        km[p + "attention_norm.weight"] = (("layers", i, "attention_norm", "weight"), mapping.identity)
+        km[p + "ffn_norm.weight"] = (("layers", i, "ffn_norm", "weight"), mapping.identity)
     return km
 
 
@@ -42,12 +42,12 @@ def _gpt_ignored(key: str) -> bool:
 
 
 def gpt_params_from_state_dict(state_dict, cfg: GPTConfig, where: str = "GPT checkpoint"):
-    sd = M.strip_prefixes(state_dict)
-    return M.convert(sd, gpt_key_map(cfg), GPT_FN.abstract_params(cfg), where, ignore=_gpt_ignored)
+    sd = mapping.strip_prefixes(state_dict)
+    return mapping.convert(sd, gpt_key_map(cfg), PURE_GPT.abstract_params(cfg), where, ignore=_gpt_ignored)
 
 
 def check_gpt_shapes(shapes, cfg: GPTConfig, where: str = "GPT listing") -> None:
-    M.check_shapes(M.strip_prefixes(shapes), gpt_key_map(cfg), GPT_FN.abstract_params(cfg), where,
+    mapping.check_shapes(mapping.strip_prefixes(shapes), gpt_key_map(cfg), PURE_GPT.abstract_params(cfg), where,
                    ignore=_gpt_ignored)
 
 
@@ -65,7 +65,7 @@ _FLAG = {k: "--" + k.replace("_", "-") for k in GPT_SIZE_FLAGS}
 def infer_gpt_sizes(state_dict) -> dict:
     """What the shapes of a GPT state dict determine: vocab_size, dim, num_classes, n_layer and
     the FFN width ``ffn_hidden`` (n_head and block_size are not stored)."""
-    sd = M.strip_prefixes(state_dict)
+    sd = mapping.strip_prefixes(state_dict)
     try:
         vocab, dim = np.shape(sd["tok_embeddings.weight"])
         classes = np.shape(sd["cls_embedding.embedding_table.weight"])[0] - 1

@@ -88,11 +88,11 @@ def build(engine: Engine, *, concurrency: int = 1, queue_size: int = 32,
     """The page. ``concurrency`` requests run at once (page and API share the limit); at most
     ``queue_size`` wait."""
     d = engine.defaults()
-    G = engine.groups
+    num_groups = engine.groups
     downloads = downloads or Downloads()
     with gr.Blocks(title="D-AR: watch it draw", analytics_enabled=False,
                    delete_cache=(600, 3600)) as demo:
-        gr.Markdown(f"# D-AR: watch it draw\nThe autoregressive model writes {G} groups of "
+        gr.Markdown(f"# D-AR: watch it draw\nThe autoregressive model writes {num_groups} groups of "
                     "tokens; after each group the diffusion decoder shows the image so far.")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
@@ -116,12 +116,12 @@ def build(engine: Engine, *, concurrency: int = 1, queue_size: int = 32,
                     layout = gr.Image(None, type="filepath", sources=["upload"], format="png",
                                       label="layout image (its first K token groups are kept)",
                                       elem_id="layout_image", height=160)
-                    layout_k = gr.Slider(0, G, value=d["layout_groups"], step=1,
+                    layout_k = gr.Slider(0, num_groups, value=d["layout_groups"], step=1,
                                          label="K: token groups kept from the layout image",
                                          elem_id="layout_groups")
             with gr.Column(scale=2):
                 error = gr.Markdown("", elem_id="error")
-                counter = gr.Markdown(f"### group 0 / {G}", elem_id="group_counter")
+                counter = gr.Markdown(f"### group 0 / {num_groups}", elem_id="group_counter")
                 with gr.Row():
                     preview = gr.Image(None, label="preview (after each token group)", format="png",
                                        type="numpy", interactive=False, height=320, elem_id="preview",

@@ -33,11 +33,11 @@ import numpy as np
 from flax import nnx
 
 from dar_jax.errors import DarError
-from dar_jax.checkpoint import mapping as M
+from dar_jax.checkpoint import mapping
 from dar_jax.checkpoint.torch_pickle import find_state_dict, load_torch_file
 from dar_jax.config import ConfigError
-from dar_jax.nn import layers as L
-from dar_jax.nn.functional import Functional
+from dar_jax.nn import layers
+from dar_jax.nn.functional import PureModule
 
 POOL3_DIM = 2048
 NUM_LOGITS = 1008
@@ -136,10 +136,10 @@ class FrozenBatchNorm(nnx.Module):
     """Inference batch norm with the running statistics as (frozen) parameters."""
 
     def __init__(self, dim: int):
-        self.scale = L.param(jnp.ones((dim,)), (None,))
-        self.bias = L.param(jnp.zeros((dim,)), (None,))
-        self.mean = L.param(jnp.zeros((dim,)), (None,))
-        self.var = L.param(jnp.ones((dim,)), (None,))
+        self.scale = layers.param(jnp.ones((dim,)), (None,))
+        self.bias = layers.param(jnp.zeros((dim,)), (None,))
+        self.mean = layers.param(jnp.zeros((dim,)), (None,))
+        self.var = layers.param(jnp.ones((dim,)), (None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         mul = self.scale[...] * jax.lax.rsqrt(self.var[...] + BN_EPS)
@@ -153,7 +153,7 @@ class BasicConv2d(nnx.Module):
         ph, pw = _pair(padding)
         self.conv = nnx.Conv(cin, cout, _pair(kernel), _pair(stride), padding=((ph, ph), (pw, pw)),
                              use_bias=False, precision=HIGHEST,
-                             kernel_init=L.with_axes(nnx.initializers.lecun_normal(),
+                             kernel_init=layers.with_axes(nnx.initializers.lecun_normal(),
                                                      (None, None, None, None)),
                              rngs=rngs)
         self.bn = FrozenBatchNorm(cout)
@@ -284,8 +284,8 @@ class FIDInception(nnx.Module):
         self.Mixed_7b = FIDInceptionE(1280, max_pool_branch=False, rngs=rngs)
         self.Mixed_7c = FIDInceptionE(2048, max_pool_branch=True, rngs=rngs)
         self.fc = nnx.Linear(POOL3_DIM, NUM_LOGITS, precision=HIGHEST, rngs=rngs,
-                             kernel_init=L.with_axes(nnx.initializers.lecun_normal(), (None, None)),
-                             bias_init=L.with_axes(L.zeros, (None,)))
+                             kernel_init=layers.with_axes(nnx.initializers.lecun_normal(), (None, None)),
+                             bias_init=layers.with_axes(layers.zeros, (None,)))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -303,7 +303,7 @@ class FIDInception(nnx.Module):
 
 # ----------------------------------------------------------------------------- functional API
 
-INCEPTION_FN = Functional(FIDInception)   # no config: cfg=None
+PURE_INCEPTION = PureModule(FIDInception)   # no config: cfg=None
 
 
 def init_params(key: jax.Array):
@@ -313,7 +313,7 @@ def init_params(key: jax.Array):
     One normal draw of all kernel entries, sliced on the host: initialising the ~100 modules
     one by one costs tens of seconds of compilation on CPU.
     """
-    flat = M.flat_paths(abstract_params())
+    flat = mapping.flat_paths(abstract_params())
     kernels = [p for p in flat if p[-1] == "kernel"]
     sizes = [int(np.prod(flat[p].shape)) for p in kernels]
     z = np.asarray(jax.random.normal(key, (sum(sizes),), jnp.float32))
@@ -326,17 +326,17 @@ def init_params(key: jax.Array):
         if path[-1] != "kernel":
             fill = 1.0 if path[-1] in ("scale", "var") else 0.0
             out[path] = np.full(leaf.shape, fill, np.float32)
-    return jax.tree.map(jnp.asarray, M.unflatten(out))
+    return jax.tree.map(jnp.asarray, mapping.unflatten(out))
 
 
 def abstract_params():
     """ShapeDtypeStruct pytree of the parameters (nothing allocated)."""
-    return INCEPTION_FN.abstract_params()
+    return PURE_INCEPTION.abstract_params()
 
 
 def bind(params) -> FIDInception:
     """The module holding ``params``; cheap inside jit."""
-    return INCEPTION_FN.bind(None, params)
+    return PURE_INCEPTION.bind(None, params)
 
 
 def forward(cfg: InceptionConfig, params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -360,17 +360,17 @@ def conv_kernel(w):
     return w.transpose(2, 3, 1, 0)
 
 
-def torch_key_map() -> M.KeyMap:
+def torch_key_map() -> mapping.KeyMap:
     """pytorch-fid key -> (param path, transform), derived from the parameter tree."""
-    km: M.KeyMap = {}
-    for path in M.flat_paths(abstract_params()):
+    km: mapping.KeyMap = {}
+    for path in mapping.flat_paths(abstract_params()):
         *mod, leaf = path
         if mod[-1] == "conv":
             km[".".join(mod) + ".weight"] = (path, conv_kernel)
         elif mod[-1] == "bn":
-            km[".".join(mod) + "." + _BN_NAMES[leaf]] = (path, M.identity)
+            km[".".join(mod) + "." + _BN_NAMES[leaf]] = (path, mapping.identity)
         elif mod == ["fc"]:
-            km[f"fc.{'weight' if leaf == 'kernel' else 'bias'}"] = (path, M.transpose if leaf == "kernel" else M.identity)
+            km[f"fc.{'weight' if leaf == 'kernel' else 'bias'}"] = (path, mapping.transpose if leaf == "kernel" else mapping.identity)
         else:
             raise AssertionError(f"unmapped Inception parameter {path}")
     return km
@@ -382,8 +382,8 @@ def _ignored(key: str) -> bool:
 
 def params_from_state_dict(state_dict, where: str = "Inception state dict"):
     """Params from a pytorch-fid state dict (float16 or float32 tensors; stored as float32)."""
-    sd = M.strip_prefixes(state_dict)
-    return M.convert(sd, torch_key_map(), abstract_params(), where, ignore=_ignored)
+    sd = mapping.strip_prefixes(state_dict)
+    return mapping.convert(sd, torch_key_map(), abstract_params(), where, ignore=_ignored)
 
 
 def load_params(path: str | os.PathLike):

@@ -1,8 +1,8 @@
 """NNX definitions seen as pure functions over params pytrees (MaxText's split-once pattern).
 
-    GPT_FN = Functional(GPT)                 # GPT(cfg, rngs=...) defines the model
-    params = GPT_FN.init_params(cfg, key)    # plain nested dict of float32 arrays
-    model = GPT_FN.bind(cfg, params)         # inside jit: merge the cached graphdef, call it
+    PURE_GPT = PureModule(GPT)                 # GPT(cfg, rngs=...) defines the model
+    params = PURE_GPT.init_params(cfg, key)    # plain nested dict of float32 arrays
+    model = PURE_GPT.bind(cfg, params)         # inside jit: merge the cached graphdef, call it
 
 The graphdef and the abstract state of each config are built once (``nnx.eval_shape``, nothing
 allocated) and cached; ``bind`` is free at run time (trace-time only under jit).
@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 
 
-class Functional:
+class PureModule:
     """Pure-function view of an NNX module class ``module_cls(cfg, rngs=...)`` (or
     ``module_cls(rngs=...)`` for modules without a config: pass ``cfg=None``)."""
 

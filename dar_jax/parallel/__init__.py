@@ -5,5 +5,5 @@ from dar_jax.parallel.host import (batch_sharding, gather_to_host, host_local_va
 from dar_jax.parallel.mesh import MESH_AXES, local_mesh, make_mesh, resolve_mesh_shape
 from dar_jax.parallel.sharding import (DEFAULT_RULES, batch_divisor, batch_shardings, batch_spec,
                                        global_batch, normalize_rules, replicated,
-                                       shardings_like_params, spec_for, tree_shardings)
+                                       spec_for, tree_shardings)
 from dar_jax.parallel.target import Target, default_target, device_platform, target_for

@@ -97,36 +97,3 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules
     shardings = batch_shardings(local_batch, mesh, rules)
     return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
                         dict(local_batch), shardings)
-
-
-def shardings_like_params(tree_abstract, param_shardings, mesh: Mesh):
-    """Shardings for a tree (e.g. optimizer state) whose leaves mirror parameters.
-
-    A leaf whose key path ends with a parameter's path gets that parameter's sharding (optax
-    states hold moments under the params' own paths); every other leaf (counters, scalars) is
-    replicated. Shapes are not compared: a state whose leaves under a parameter's path differ
-    from it in shape would need its own rule.
-    """
-    by_path = {}
-    for path, sh in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
-        by_path[_keys(path)] = sh
-
-    def pick(path, leaf):
-        keys = _keys(path)
-        for i in range(len(keys)):
-            sh = by_path.get(keys[i:])
-            if sh is not None:
-                return sh
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(pick, tree_abstract)
-
-
-def _keys(path) -> tuple:
-    out = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                out.append(getattr(k, attr))
-                break
-    return tuple(out)

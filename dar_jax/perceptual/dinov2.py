@@ -26,11 +26,11 @@ import numpy as np
 from flax import nnx
 
 from dar_jax.nn.layers import DTYPES
-from dar_jax.checkpoint import mapping as M
+from dar_jax.checkpoint import mapping
 from dar_jax.checkpoint.torch_pickle import CheckpointError, find_state_dict, load_torch_file
 from dar_jax.config import ConfigError, sized_config
-from dar_jax.nn import layers as L
-from dar_jax.nn.functional import Functional
+from dar_jax.nn import layers
+from dar_jax.nn.functional import PureModule
 from dar_jax.nn.attention import attention
 from dar_jax.nn.resize import avg_pool_tokens, resize_bicubic, torch_bicubic_size
 
@@ -101,12 +101,12 @@ class Attention(nnx.Module):
     def __init__(self, cfg: DinoV2Config, *, rngs: nnx.Rngs):
         d, h, hd = cfg.embed_dim, cfg.num_heads, cfg.head_dim
         self.cfg = cfg
-        self.qkv = L.param(L.trunc_normal(0.02)(rngs.params(), (d, 3, h, hd)),
-                           (L.EMBED, None, L.HEADS, L.HEAD_DIM))
-        self.qkv_bias = L.param(jnp.zeros((3, h, hd)), (None, L.HEADS, L.HEAD_DIM))
-        self.proj = L.param(L.trunc_normal(0.02)(rngs.params(), (h, hd, d)),
-                            (L.HEADS, L.HEAD_DIM, L.EMBED))
-        self.proj_bias = L.param(jnp.zeros((d,)), (L.EMBED,))
+        self.qkv = layers.param(layers.trunc_normal(0.02)(rngs.params(), (d, 3, h, hd)),
+                           (layers.EMBED, None, layers.HEADS, layers.HEAD_DIM))
+        self.qkv_bias = layers.param(jnp.zeros((3, h, hd)), (None, layers.HEADS, layers.HEAD_DIM))
+        self.proj = layers.param(layers.trunc_normal(0.02)(rngs.params(), (h, hd, d)),
+                            (layers.HEADS, layers.HEAD_DIM, layers.EMBED))
+        self.proj_bias = layers.param(jnp.zeros((d,)), (layers.EMBED,))
 
     def __call__(self, x, target=None):
         dtype = self.cfg.compute_dtype
@@ -127,15 +127,15 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: DinoV2Config, *, rngs: nnx.Rngs):
         d, dtype = cfg.embed_dim, cfg.compute_dtype
-        self.norm1 = L.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm1 = layers.LayerNorm(d, eps=cfg.norm_eps)
         self.attn = Attention(cfg, rngs=rngs)
-        self.ls1 = L.param(jnp.ones((d,)), (L.EMBED,))
-        self.norm2 = L.LayerNorm(d, eps=cfg.norm_eps)
+        self.ls1 = layers.param(jnp.ones((d,)), (layers.EMBED,))
+        self.norm2 = layers.LayerNorm(d, eps=cfg.norm_eps)
         if cfg.ffn == "mlp":
-            self.mlp = L.Mlp(d, cfg.mlp_hidden, rngs=rngs, dtype=dtype, activation=gelu_exact)
+            self.mlp = layers.Mlp(d, cfg.mlp_hidden, rngs=rngs, dtype=dtype, activation=gelu_exact)
         else:
-            self.mlp = L.SwiGLU(d, cfg.mlp_hidden, rngs=rngs, dtype=dtype, use_bias=True)
-        self.ls2 = L.param(jnp.ones((d,)), (L.EMBED,))
+            self.mlp = layers.SwiGLU(d, cfg.mlp_hidden, rngs=rngs, dtype=dtype, use_bias=True)
+        self.ls2 = layers.param(jnp.ones((d,)), (layers.EMBED,))
 
     def __call__(self, x, target=None):
         dtype = x.dtype
@@ -150,17 +150,17 @@ class DinoV2(nnx.Module):
     def __init__(self, cfg: DinoV2Config, *, rngs: nnx.Rngs):
         d, p = cfg.embed_dim, cfg.patch_size
         self.cfg = cfg
-        self.patch_kernel = L.param(L.trunc_normal(0.02)(rngs.params(), (p, p, 3, d)),
-                                    (None, None, None, L.EMBED))
-        self.patch_bias = L.param(jnp.zeros((d,)), (L.EMBED,))
-        self.cls_token = L.param(L.normal(1e-6)(rngs.params(), (d,)), (L.EMBED,))
-        self.pos_embed = L.param(L.trunc_normal(0.02)(rngs.params(), (1 + cfg.pos_grid ** 2, d)),
-                                 (None, L.EMBED))
+        self.patch_kernel = layers.param(layers.trunc_normal(0.02)(rngs.params(), (p, p, 3, d)),
+                                    (None, None, None, layers.EMBED))
+        self.patch_bias = layers.param(jnp.zeros((d,)), (layers.EMBED,))
+        self.cls_token = layers.param(layers.normal(1e-6)(rngs.params(), (d,)), (layers.EMBED,))
+        self.pos_embed = layers.param(layers.trunc_normal(0.02)(rngs.params(), (1 + cfg.pos_grid ** 2, d)),
+                                 (None, layers.EMBED))
         if cfg.num_register_tokens:
-            self.register_tokens = L.param(
-                L.normal(1e-6)(rngs.params(), (cfg.num_register_tokens, d)), (None, L.EMBED))
+            self.register_tokens = layers.param(
+                layers.normal(1e-6)(rngs.params(), (cfg.num_register_tokens, d)), (None, layers.EMBED))
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.norm = L.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm = layers.LayerNorm(d, eps=cfg.norm_eps)
 
     def position_embedding(self, rows: int, cols: int) -> jax.Array:
         """(1 + rows * cols, D) float32: the official ``interpolate_pos_encoding``."""
@@ -204,12 +204,12 @@ class DinoV2(nnx.Module):
         return self.norm(x)
 
 
-DINOV2_FN = Functional(DinoV2)
-graphdef_and_abstract = DINOV2_FN.graphdef_and_abstract
-bind = DINOV2_FN.bind
-init_params = DINOV2_FN.init_params          # random weights: tests and benchmarks
-abstract_params = DINOV2_FN.abstract_params
-logical_axes = DINOV2_FN.logical_axes
+PURE_DINOV2 = PureModule(DinoV2)
+graphdef_and_abstract = PURE_DINOV2.graphdef_and_abstract
+bind = PURE_DINOV2.bind
+init_params = PURE_DINOV2.init_params          # random weights: tests and benchmarks
+abstract_params = PURE_DINOV2.abstract_params
+logical_axes = PURE_DINOV2.logical_axes
 
 
 def forward_features(cfg: DinoV2Config, params, images: jax.Array,
@@ -244,7 +244,7 @@ def normalize_state_dict(state_dict) -> dict[str, np.ndarray]:
     ViT-g's fused ``mlp.w12`` split into its SiLU and gate halves, named ``...[first half]`` and
     ``...[second half]``)."""
     out = {}
-    for key, value in M.strip_prefixes(state_dict, ("_orig_mod.", "module.", "backbone.")).items():
+    for key, value in mapping.strip_prefixes(state_dict, ("_orig_mod.", "module.", "backbone.")).items():
         m = _CHUNKED.match(key) or _PLAIN.match(key)
         if m:
             key = f"blocks.{int(m.group(1))}.{m.group(2)}"
@@ -256,16 +256,16 @@ def normalize_state_dict(state_dict) -> dict[str, np.ndarray]:
     return out
 
 
-def dinov2_key_map(cfg: DinoV2Config) -> M.KeyMap:
+def dinov2_key_map(cfg: DinoV2Config) -> mapping.KeyMap:
     """Normalized torch key -> (param path, transform)."""
     d, h, hd = cfg.embed_dim, cfg.num_heads, cfg.head_dim
-    km: M.KeyMap = {
+    km: mapping.KeyMap = {
         "cls_token": (("cls_token",), lambda w: w.reshape(-1)),
         "pos_embed": (("pos_embed",), lambda w: w.reshape(w.shape[-2], w.shape[-1])),
         "patch_embed.proj.weight": (("patch_kernel",), lambda w: w.transpose(2, 3, 1, 0)),
-        "patch_embed.proj.bias": (("patch_bias",), M.identity),
-        "norm.weight": (("norm", "scale"), M.identity),
-        "norm.bias": (("norm", "bias"), M.identity),
+        "patch_embed.proj.bias": (("patch_bias",), mapping.identity),
+        "norm.weight": (("norm", "scale"), mapping.identity),
+        "norm.bias": (("norm", "bias"), mapping.identity),
     }
     if cfg.num_register_tokens:
         km["register_tokens"] = (("register_tokens",), lambda w: w.reshape(w.shape[-2], w.shape[-1]))
@@ -274,12 +274,12 @@ def dinov2_key_map(cfg: DinoV2Config) -> M.KeyMap:
         km[p + "attn.qkv.weight"] = (b + ("attn", "qkv"), lambda w: w.T.reshape(d, 3, h, hd))
         km[p + "attn.qkv.bias"] = (b + ("attn", "qkv_bias"), lambda w: w.reshape(3, h, hd))
         km[p + "attn.proj.weight"] = (b + ("attn", "proj"), lambda w: w.T.reshape(h, hd, d))
-        km[p + "attn.proj.bias"] = (b + ("attn", "proj_bias"), M.identity)
+        km[p + "attn.proj.bias"] = (b + ("attn", "proj_bias"), mapping.identity)
         for norm in ("norm1", "norm2"):
-            km[p + f"{norm}.weight"] = (b + (norm, "scale"), M.identity)
-            km[p + f"{norm}.bias"] = (b + (norm, "bias"), M.identity)
-        km[p + "ls1.gamma"] = (b + ("ls1",), M.identity)
-        km[p + "ls2.gamma"] = (b + ("ls2",), M.identity)
+            km[p + f"{norm}.weight"] = (b + (norm, "scale"), mapping.identity)
+            km[p + f"{norm}.bias"] = (b + (norm, "bias"), mapping.identity)
+        km[p + "ls1.gamma"] = (b + ("ls1",), mapping.identity)
+        km[p + "ls2.gamma"] = (b + ("ls2",), mapping.identity)
         if cfg.ffn == "mlp":
             names = {"fc1": "fc1", "fc2": "fc2"}
         else:  # torch: w3(silu(x1) * x2) with x1, x2 = w12(x).chunk(2)
@@ -287,8 +287,8 @@ def dinov2_key_map(cfg: DinoV2Config) -> M.KeyMap:
         for torch_name, ours in names.items():
             base = torch_name.split("[")[0]
             suffix = torch_name[len(base):]
-            km[p + f"mlp.{base}.weight{suffix}"] = (b + ("mlp", ours, "kernel"), M.transpose)
-            km[p + f"mlp.{base}.bias{suffix}"] = (b + ("mlp", ours, "bias"), M.identity)
+            km[p + f"mlp.{base}.weight{suffix}"] = (b + ("mlp", ours, "kernel"), mapping.transpose)
+            km[p + f"mlp.{base}.bias{suffix}"] = (b + ("mlp", ours, "bias"), mapping.identity)
     return km
 
 
@@ -335,7 +335,7 @@ def config_from_state_dict(state_dict, where: str = "DINOv2 checkpoint", num_hea
 
 
 def params_from_state_dict(state_dict, cfg: DinoV2Config, where: str = "DINOv2 checkpoint"):
-    return M.convert(normalize_state_dict(state_dict), dinov2_key_map(cfg),
+    return mapping.convert(normalize_state_dict(state_dict), dinov2_key_map(cfg),
                      abstract_params(cfg), where, ignore=_ignored)
 
 

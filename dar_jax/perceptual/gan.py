@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dar_jax.nn import layers as L
-from dar_jax.nn.functional import Functional
+from dar_jax.nn import layers
+from dar_jax.nn.functional import PureModule
 from dar_jax.tokenizer.model import timestep_embedding
 
 
@@ -33,8 +33,8 @@ class _Conv(nnx.Module):
     def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype):
         self.conv = nnx.Conv(cin, cout, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
                              dtype=dtype, param_dtype=jnp.float32,
-                             kernel_init=L.with_axes(L.normal(0.02), (None, None, None, None)),
-                             bias_init=L.with_axes(L.zeros, (None,)), rngs=rngs)
+                             kernel_init=layers.with_axes(layers.normal(0.02), (None, None, None, None)),
+                             bias_init=layers.with_axes(layers.zeros, (None,)), rngs=rngs)
 
     def __call__(self, x):
         return self.conv(x)
@@ -46,8 +46,8 @@ class _TimeNorm(nnx.Module):
     def __init__(self, channels: int, groups: int, freq_dim: int, *, rngs: nnx.Rngs):
         self.groups = min(groups, channels)
         self.freq_dim = freq_dim
-        self.embed = L.linear(freq_dim, 2 * channels, (None, None), rngs=rngs,
-                              kernel_init=L.trunc_normal(0.01))
+        self.embed = layers.linear(freq_dim, 2 * channels, (None, None), rngs=rngs,
+                              kernel_init=layers.trunc_normal(0.01))
 
     def __call__(self, x, t):
         b, h, w, c = x.shape
@@ -82,12 +82,12 @@ class PatchDiscriminator(nnx.Module):
         return self.last(h).astype(jnp.float32)
 
 
-DISCRIMINATOR_FN = Functional(PatchDiscriminator)
-init_params = DISCRIMINATOR_FN.init_params
+PURE_DISCRIMINATOR = PureModule(PatchDiscriminator)
+init_params = PURE_DISCRIMINATOR.init_params
 
 
 def apply(cfg: DiscriminatorConfig, params, images, t):
-    return DISCRIMINATOR_FN.bind(cfg, params)(images, t)
+    return PURE_DISCRIMINATOR.bind(cfg, params)(images, t)
 
 
 def d_loss(logits_real, logits_fake, weight=None):

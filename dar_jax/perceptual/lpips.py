@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dar_jax.checkpoint import mapping as M
+from dar_jax.checkpoint import mapping
 from dar_jax.checkpoint.torch_pickle import find_state_dict, load_torch_file
-from dar_jax.nn import layers as L
-from dar_jax.nn.functional import Functional
+from dar_jax.nn import layers
+from dar_jax.nn.functional import PureModule
 
 # torchvision VGG16 ``features``: conv layer indices per stage; a 2x2 max pool precedes stages
 # 2..5, every conv is followed by ReLU, and each stage's last ReLU is an LPIPS tap.
@@ -39,8 +39,8 @@ class Conv3x3(nnx.Module):
 
     def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
         std = (2.0 / (9 * c_in)) ** 0.5
-        self.kernel = L.param(L.normal(std)(rngs.params(), (3, 3, c_in, c_out)), (None, None, None, None))
-        self.bias = L.param(jnp.zeros((c_out,)), (None,))
+        self.kernel = layers.param(layers.normal(std)(rngs.params(), (3, 3, c_in, c_out)), (None, None, None, None))
+        self.bias = layers.param(jnp.zeros((c_out,)), (None,))
 
     def __call__(self, x):
         y = jax.lax.conv_general_dilated(
@@ -64,7 +64,7 @@ class LPIPS(nnx.Module):
                 convs.append(Conv3x3(c_in, c_out, rngs=rngs))
                 c_in = c_out
         self.convs = nnx.List(convs)
-        self.heads = nnx.List([L.param(jnp.full((c,), 1.0 / c), (None,)) for c in VGG16_CHANNELS])
+        self.heads = nnx.List([layers.param(jnp.full((c,), 1.0 / c), (None,)) for c in VGG16_CHANNELS])
 
     def features(self, x):
         """Images (B, H, W, 3) in [-1, 1] -> the five VGG16 taps (relu1_2 .. relu5_3)."""
@@ -98,21 +98,21 @@ def _unit_channels(x):
     return x / (jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)) + NORM_EPS)
 
 
-LPIPS_FN = Functional(LPIPS)   # no config: pass cfg=None
+PURE_LPIPS = PureModule(LPIPS)   # no config: pass cfg=None
 
 
 def init_params(key: jax.Array):
     """Random parameters (pure dict pytree, float32): for tests and benchmarks without weights."""
-    return LPIPS_FN.init_params(None, key)
+    return PURE_LPIPS.init_params(None, key)
 
 
 def abstract_params():
-    return LPIPS_FN.abstract_params()
+    return PURE_LPIPS.abstract_params()
 
 
 def logical_axes():
     """All None: the frozen network is small and replicated."""
-    return LPIPS_FN.logical_axes()
+    return PURE_LPIPS.logical_axes()
 
 
 def lpips(params, x0: jax.Array, x1: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -122,21 +122,21 @@ def lpips(params, x0: jax.Array, x1: jax.Array, dtype=jnp.float32) -> jax.Array:
     """
     if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
         raise ValueError(f"LPIPS needs two (B, H, W, 3) images of one shape; got {x0.shape}, {x1.shape}")
-    return LPIPS_FN.bind(None, params)(x0, x1, dtype)
+    return PURE_LPIPS.bind(None, params)(x0, x1, dtype)
 
 
 # --- weight files ---------------------------------------------------------------------------------
-def vgg16_key_map() -> M.KeyMap:
+def vgg16_key_map() -> mapping.KeyMap:
     """torchvision ``vgg16`` ``features.<i>.weight/bias`` -> conv params (OIHW -> HWIO)."""
-    km: M.KeyMap = {}
+    km: mapping.KeyMap = {}
     indices = [i for stage in VGG16_STAGES for i in stage]
     for j, i in enumerate(indices):
         km[f"features.{i}.weight"] = (("convs", j, "kernel"), lambda w: w.transpose(2, 3, 1, 0))
-        km[f"features.{i}.bias"] = (("convs", j, "bias"), M.identity)
+        km[f"features.{i}.bias"] = (("convs", j, "bias"), mapping.identity)
     return km
 
 
-def heads_key_map() -> M.KeyMap:
+def heads_key_map() -> mapping.KeyMap:
     """LPIPS ``lin<k>.model.1.weight`` (1, C, 1, 1) -> head vectors (C,)."""
     return {f"lin{k}.model.1.weight": (("heads", k), lambda w: w.reshape(-1))
             for k in range(len(VGG16_CHANNELS))}
@@ -149,9 +149,9 @@ def _is_classifier(key: str) -> bool:
 def params_from_state_dicts(vgg_state_dict, heads_state_dict, where_vgg: str = "VGG16 weights",
                             where_heads: str = "LPIPS heads"):
     abstract = abstract_params()
-    vgg = M.convert(M.strip_prefixes(vgg_state_dict), vgg16_key_map(), {"convs": abstract["convs"]},
+    vgg = mapping.convert(mapping.strip_prefixes(vgg_state_dict), vgg16_key_map(), {"convs": abstract["convs"]},
                     where_vgg, ignore=_is_classifier)
-    heads = M.convert(M.strip_prefixes(heads_state_dict), heads_key_map(),
+    heads = mapping.convert(mapping.strip_prefixes(heads_state_dict), heads_key_map(),
                       {"heads": abstract["heads"]}, where_heads)
     return {"convs": vgg["convs"], "heads": heads["heads"]}
 

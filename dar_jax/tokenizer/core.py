@@ -12,7 +12,7 @@ import numpy as np
 from dar_jax.parallel.host import host_local_values
 from dar_jax.tokenizer import quantizer
 from dar_jax.tokenizer.config import TokenizerConfig, TokenizerInputError
-from dar_jax.tokenizer.model import TOKENIZER_FN, bind
+from dar_jax.tokenizer.model import PURE_TOKENIZER, bind
 from dar_jax.tokenizer.quantizer import Quantized
 
 
@@ -27,9 +27,9 @@ class CodeRangeError(TokenizerInputError):
 # ----------------------------------------------------------------------------------------------
 # parameters
 # ----------------------------------------------------------------------------------------------
-init_params = TOKENIZER_FN.init_params          # (cfg, key) -> params (pure dict, float32)
-abstract_params = TOKENIZER_FN.abstract_params  # (cfg) -> ShapeDtypeStruct pytree
-logical_axes = TOKENIZER_FN.logical_axes        # (cfg) -> logical axis names, like the params
+init_params = PURE_TOKENIZER.init_params          # (cfg, key) -> params (pure dict, float32)
+abstract_params = PURE_TOKENIZER.abstract_params  # (cfg) -> ShapeDtypeStruct pytree
+logical_axes = PURE_TOKENIZER.logical_axes        # (cfg) -> logical axis names, like the params
 
 
 def num_params(cfg: TokenizerConfig) -> int:

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dar_jax.nn import layers as L
-from dar_jax.nn import remat as R
-from dar_jax.nn.functional import Functional
+from dar_jax.nn import layers
+from dar_jax.nn import remat as remat_policy
+from dar_jax.nn.functional import PureModule
 from dar_jax.nn.attention import attention
 from dar_jax.parallel.target import Target, default_target
 from dar_jax.nn.resize import avg_pool_tokens
@@ -50,7 +50,7 @@ def torch_default(fan_in: int):
 
 def norm(x: jax.Array) -> jax.Array:
     """The reference's non-affine LayerNorm (eps 1e-6), statistics in float32."""
-    return L.layer_norm(x, 1e-6)
+    return layers.layer_norm(x, 1e-6)
 
 
 def modulate(x, shift, scale):
@@ -77,17 +77,17 @@ class Attention(nnx.Module):
     def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype, impl: str):
         self.heads = dim // HEAD_DIM
         self.impl = impl
-        init = L.trunc_normal(0.02)
-        self.q = L.linear(dim, dim, (L.EMBED, L.HEADS), rngs=rngs, dtype=dtype, kernel_init=init)
-        self.k = L.linear(dim, dim, (L.EMBED, L.HEADS), rngs=rngs, dtype=dtype, kernel_init=init)
-        self.v = L.linear(dim, dim, (L.EMBED, L.HEADS), rngs=rngs, dtype=dtype, kernel_init=init)
-        self.q_norm = L.LayerNorm(HEAD_DIM, eps=1e-6)
-        self.k_norm = L.LayerNorm(HEAD_DIM, eps=1e-6)
-        self.proj = L.linear(dim, dim, (L.HEADS, L.EMBED), rngs=rngs, dtype=dtype, kernel_init=init)
+        init = layers.trunc_normal(0.02)
+        self.q = layers.linear(dim, dim, (layers.EMBED, layers.HEADS), rngs=rngs, dtype=dtype, kernel_init=init)
+        self.k = layers.linear(dim, dim, (layers.EMBED, layers.HEADS), rngs=rngs, dtype=dtype, kernel_init=init)
+        self.v = layers.linear(dim, dim, (layers.EMBED, layers.HEADS), rngs=rngs, dtype=dtype, kernel_init=init)
+        self.q_norm = layers.LayerNorm(HEAD_DIM, eps=1e-6)
+        self.k_norm = layers.LayerNorm(HEAD_DIM, eps=1e-6)
+        self.proj = layers.linear(dim, dim, (layers.HEADS, layers.EMBED), rngs=rngs, dtype=dtype, kernel_init=init)
 
     def _heads(self, x, target: Target):
         x = x.reshape(*x.shape[:-1], self.heads, HEAD_DIM)
-        return R.name(target.constrain(x, ACT_HEADS), "qkv")
+        return remat_policy.name(target.constrain(x, ACT_HEADS), "qkv")
 
     def queries(self, x, target: Target):
         """x: (B, L, D) -> normalised queries (B, L, H, 64)."""
@@ -99,8 +99,8 @@ class Attention(nnx.Module):
 
     def output(self, y, target: Target):
         """y: (B, L, H, 64) -> (B, L, D)."""
-        y = R.name(target.constrain(y, ACT_HEADS), "context")
-        return R.name(target.constrain(self.proj(y.reshape(*y.shape[:-2], -1)), ACT), "attn_out")
+        y = remat_policy.name(target.constrain(y, ACT_HEADS), "context")
+        return remat_policy.name(target.constrain(self.proj(y.reshape(*y.shape[:-2], -1)), ACT), "attn_out")
 
     def __call__(self, x, target: Target, *, mask="none", prefix_len=0, rope=None, site=None):
         """Self-attention; ``rope`` = (cos, sin) rotates queries and keys."""
@@ -117,12 +117,12 @@ class TransformerBlock(nnx.Module):
     """The encoder / decoder-layer block: pre-LN attention and MLP, residuals scaled by gates."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype, impl: str):
-        self.norm1 = L.LayerNorm(dim, eps=1e-6)
+        self.norm1 = layers.LayerNorm(dim, eps=1e-6)
         self.attention = Attention(dim, rngs=rngs, dtype=dtype, impl=impl)
-        self.norm2 = L.LayerNorm(dim, eps=1e-6)
-        self.mlp = L.Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
-        self.gate1 = L.param(jnp.zeros((dim,)), (L.EMBED,))
-        self.gate2 = L.param(jnp.zeros((dim,)), (L.EMBED,))
+        self.norm2 = layers.LayerNorm(dim, eps=1e-6)
+        self.mlp = layers.Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
+        self.gate1 = layers.param(jnp.zeros((dim,)), (layers.EMBED,))
+        self.gate2 = layers.param(jnp.zeros((dim,)), (layers.EMBED,))
 
     def __call__(self, x, target: Target, *, mask, prefix_len=0, rope=None, site=None):
         a = self.attention(self.norm1(x), target, mask=mask, prefix_len=prefix_len, rope=rope,
@@ -140,7 +140,7 @@ class TimestepEmbedder(nnx.Module):
 
     def __init__(self, dim: int, *, rngs, dtype):
         self.dim = dim
-        self.mlp = L.Mlp(dim, dim, rngs=rngs, dtype=dtype)
+        self.mlp = layers.Mlp(dim, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, t):
         """t: (B,) float -> (B, dim)."""
@@ -152,11 +152,11 @@ class SiTBlock(nnx.Module):
         self.dim = dim
         self.attention = Attention(dim, rngs=rngs, dtype=dtype, impl=impl)
         self.cross_attn = Attention(dim, rngs=rngs, dtype=dtype, impl=impl)
-        self.mlp = L.Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
-        self.adaLN = L.linear(dim, 6 * dim, (L.EMBED, L.MLP), rngs=rngs, dtype=dtype,
-                              kernel_init=L.normal(adaln_init_std) if adaln_init_std else L.zeros)
+        self.mlp = layers.Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
+        self.adaLN = layers.linear(dim, 6 * dim, (layers.EMBED, layers.MLP), rngs=rngs, dtype=dtype,
+                              kernel_init=layers.normal(adaln_init_std) if adaln_init_std else layers.zeros)
         self.time_embed = None if share_time else TimestepEmbedder(dim, rngs=rngs, dtype=dtype)
-        self.cond_embed = L.Mlp(dim, dim, rngs=rngs, dtype=dtype)
+        self.cond_embed = layers.Mlp(dim, dim, rngs=rngs, dtype=dtype)
         self.impl = impl
 
     def cond_kv(self, c, target: Target):
@@ -174,7 +174,7 @@ class SiTBlock(nnx.Module):
             attention(q, kv[0], kv[1], mask="none", implementation=self.impl, target=target,
                       site="decoder.cross"), target)
         mod = self.adaLN(jax.nn.silu(temb[:, None, :].astype(sc.dtype) + sc))
-        mod = R.name(target.constrain(mod, ("batch", "length", "mlp")), "adaln")
+        mod = remat_policy.name(target.constrain(mod, ("batch", "length", "mlp")), "adaln")
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
         a = self.attention(modulate(xn.astype(mod.dtype), shift_a, scale_a), target, rope=rope,
                            site="decoder.self")
@@ -187,10 +187,10 @@ class FinalLayer(nnx.Module):
     """DiT final layer: LayerNorm, adaLN shift/scale from the time embedding, Linear to patches."""
 
     def __init__(self, dim: int, p: int, *, rngs, dtype):
-        self.adaLN = L.linear(dim, 2 * dim, (L.EMBED, L.MLP), rngs=rngs, dtype=dtype,
-                              kernel_init=L.zeros)
-        self.kernel = L.param(jnp.zeros((dim, p, p, 3)), (L.EMBED, None, None, None))
-        self.bias = L.param(jnp.zeros((p, p, 3)), (None, None, None))
+        self.adaLN = layers.linear(dim, 2 * dim, (layers.EMBED, layers.MLP), rngs=rngs, dtype=dtype,
+                              kernel_init=layers.zeros)
+        self.kernel = layers.param(jnp.zeros((dim, p, p, 3)), (layers.EMBED, None, None, None))
+        self.bias = layers.param(jnp.zeros((p, p, 3)), (None, None, None))
 
 
 class DiffusionCore(nnx.Module):
@@ -203,13 +203,13 @@ class DiffusionCore(nnx.Module):
         self.cfg = cfg
         self.time_embed = (TimestepEmbedder(d, rngs=rngs, dtype=dtype) if dc.share_time_encoding
                            else None)
-        self.cond_mlp = L.linear(dc.cond_dim, d, (None, L.EMBED), rngs=rngs, dtype=dtype,
+        self.cond_mlp = layers.linear(dc.cond_dim, d, (None, layers.EMBED), rngs=rngs, dtype=dtype,
                                  kernel_init=torch_default(dc.cond_dim),
                                  bias_init=torch_default(dc.cond_dim))
         fan = 3 * p * p
-        self.conv_in_kernel = L.param(torch_default(fan)(rngs.params(), (p, p, 3, d)),
-                                      (None, None, None, L.EMBED))
-        self.conv_in_bias = L.param(torch_default(fan)(rngs.params(), (d,)), (L.EMBED,))
+        self.conv_in_kernel = layers.param(torch_default(fan)(rngs.params(), (p, p, 3, d)),
+                                      (None, None, None, layers.EMBED))
+        self.conv_in_bias = layers.param(torch_default(fan)(rngs.params(), (d,)), (layers.EMBED,))
         self.blocks = nnx.List([SiTBlock(d, dc.share_time_encoding, rngs=rngs, dtype=dtype, impl=impl,
                                              adaln_init_std=cfg.adaln_init_std)
                                 for _ in range(dc.depth)])
@@ -218,15 +218,15 @@ class DiffusionCore(nnx.Module):
             self.conv_out_kernel = self.conv_out_bias = None
         else:
             self.final = None
-            self.conv_out_kernel = L.param(jnp.zeros((d, p, p, 3)), (L.EMBED, None, None, None))
-            self.conv_out_bias = L.param(jnp.zeros((p, p, 3)), (None, None, None))
+            self.conv_out_kernel = layers.param(jnp.zeros((d, p, p, 3)), (layers.EMBED, None, None, None))
+            self.conv_out_bias = layers.param(jnp.zeros((p, p, 3)), (None, None, None))
         if cfg.repa_projector:
             self.repa_out = nnx.List([
-                L.linear(d, REPA_HIDDEN, (L.EMBED, L.MLP), rngs=rngs, dtype=dtype,
+                layers.linear(d, REPA_HIDDEN, (layers.EMBED, layers.MLP), rngs=rngs, dtype=dtype,
                          kernel_init=torch_default(d), bias_init=torch_default(d)),
-                L.linear(REPA_HIDDEN, REPA_HIDDEN, (L.MLP, None), rngs=rngs, dtype=dtype,
+                layers.linear(REPA_HIDDEN, REPA_HIDDEN, (layers.MLP, None), rngs=rngs, dtype=dtype,
                          kernel_init=torch_default(REPA_HIDDEN), bias_init=torch_default(REPA_HIDDEN)),
-                L.linear(REPA_HIDDEN, REPA_OUT, (L.MLP, L.EMBED), rngs=rngs, dtype=dtype,
+                layers.linear(REPA_HIDDEN, REPA_OUT, (layers.MLP, layers.EMBED), rngs=rngs, dtype=dtype,
                          kernel_init=torch_default(REPA_HIDDEN), bias_init=torch_default(REPA_HIDDEN)),
             ])
         else:
@@ -306,7 +306,7 @@ class DiffusionCore(nnx.Module):
         rope = self.rope(*grid)
         temb = self.time_embedding(t)
         repa = None
-        step = R.remat(lambda blk, x_, t_, kv_: blk(x_, t_, kv_, rope, target), remat)
+        step = remat_policy.remat(lambda blk, x_, t_, kv_: blk(x_, t_, kv_, rope, target), remat)
         for i, block in enumerate(self.blocks):
             if return_repa and i == dc.repa_layer:
                 repa = self.repa_features(tok, grid)
@@ -333,30 +333,30 @@ class Tokenizer(nnx.Module):
         de, dd, pe = cfg.encoder_dim, cfg.decoder_dim, cfg.encoder_patch_size
         dtype, impl = cfg.compute_dtype, cfg.attention_impl
         fan = 3 * pe * pe
-        self.patchify_kernel = L.param(torch_default(fan)(rngs.params(), (pe, pe, 3, de)),
-                                       (None, None, None, L.EMBED))
-        self.patchify_bias = L.param(torch_default(fan)(rngs.params(), (de,)), (L.EMBED,))
+        self.patchify_kernel = layers.param(torch_default(fan)(rngs.params(), (pe, pe, 3, de)),
+                                       (None, None, None, layers.EMBED))
+        self.patchify_bias = layers.param(torch_default(fan)(rngs.params(), (de,)), (layers.EMBED,))
         if cfg.query_low_rank:
-            self.query_embedding = L.param(
+            self.query_embedding = layers.param(
                 jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (QUERY_TABLE, LOW_RANK)),
-                (L.QUERIES, None))
-            self.query_linear = L.linear(LOW_RANK, de, (None, L.EMBED), rngs=rngs, dtype=dtype,
+                (layers.QUERIES, None))
+            self.query_linear = layers.linear(LOW_RANK, de, (None, layers.EMBED), rngs=rngs, dtype=dtype,
                                          kernel_init=torch_default(LOW_RANK),
                                          bias_init=torch_default(LOW_RANK))
         else:
-            self.query_embedding = L.param(
-                L.trunc_normal(0.02)(rngs.params(), (QUERY_TABLE, de)), (L.QUERIES, L.EMBED))
+            self.query_embedding = layers.param(
+                layers.trunc_normal(0.02)(rngs.params(), (QUERY_TABLE, de)), (layers.QUERIES, layers.EMBED))
             self.query_linear = None
         self.encoder_layers = nnx.List([TransformerBlock(de, rngs=rngs, dtype=dtype, impl=impl)
                                         for _ in range(cfg.num_encoder_layers)])
-        self.quant_in = L.param(torch_default(de)(rngs.params(), (de, cfg.vq_dim)), (L.EMBED, None))
+        self.quant_in = layers.param(torch_default(de)(rngs.params(), (de, cfg.vq_dim)), (layers.EMBED, None))
         n_e = cfg.vq_codebook_size
         code = uniform_init(1.0 / n_e)(rngs.params(), (n_e, cfg.vq_dim))
-        self.codebook = L.param(code / jnp.linalg.norm(code, axis=-1, keepdims=True), (L.VOCAB, None))
-        self.quant_out = L.param(torch_default(cfg.vq_dim)(rngs.params(), (cfg.vq_dim, dd)),
-                                 (None, L.EMBED))
-        self.decoder_embedding = L.param(L.trunc_normal(0.02)(rngs.params(), (QUERY_TABLE, dd)),
-                                         (L.QUERIES, L.EMBED))
+        self.codebook = layers.param(code / jnp.linalg.norm(code, axis=-1, keepdims=True), (layers.VOCAB, None))
+        self.quant_out = layers.param(torch_default(cfg.vq_dim)(rngs.params(), (cfg.vq_dim, dd)),
+                                 (None, layers.EMBED))
+        self.decoder_embedding = layers.param(layers.trunc_normal(0.02)(rngs.params(), (QUERY_TABLE, dd)),
+                                         (layers.QUERIES, layers.EMBED))
         self.decoder_layers = nnx.List([TransformerBlock(dd, rngs=rngs, dtype=dtype, impl=impl)
                                         for _ in range(cfg.num_decoder_layers)])
         self.diff = DiffusionCore(cfg, rngs=rngs)
@@ -391,7 +391,7 @@ class Tokenizer(nnx.Module):
         q = jnp.broadcast_to(self.queries()[None], (b,) + (cfg.num_all_queries, tok.shape[-1]))
         x = target.constrain(jnp.concatenate([tok, q], axis=1), ACT)
         rope = self.encoder_rope(gh, gw)
-        fn = R.remat(lambda blk, x_: blk(x_, target, mask="prefix_causal", prefix_len=gh * gw,
+        fn = remat_policy.remat(lambda blk, x_: blk(x_, target, mask="prefix_causal", prefix_len=gh * gw,
                                          rope=rope, site="encoder.prefix_causal"), remat)
         for layer in self.encoder_layers:
             x = fn(layer, x)
@@ -408,13 +408,13 @@ class Tokenizer(nnx.Module):
         x = jnp.einsum("bnk,kd->bnd", quant.astype(dtype), self.quant_out[...].astype(dtype),
                        preferred_element_type=jnp.float32)
         x = target.constrain(x + self.decoder_embedding[...][:n], ACT)
-        fn = R.remat(lambda blk, x_: blk(x_, target, mask="causal", site="decoder_layers.causal"),
+        fn = remat_policy.remat(lambda blk, x_: blk(x_, target, mask="causal", site="decoder_layers.causal"),
                      remat)
         for layer in self.decoder_layers:
             x = fn(layer, x)
         return norm(x).astype(jnp.float32)
 
 
-TOKENIZER_FN = Functional(Tokenizer)
-graphdef_and_abstract = TOKENIZER_FN.graphdef_and_abstract
-bind = TOKENIZER_FN.bind  # bind(cfg, params) -> Tokenizer: the module holding params (cheap inside jit)
+PURE_TOKENIZER = PureModule(Tokenizer)
+graphdef_and_abstract = PURE_TOKENIZER.graphdef_and_abstract
+bind = PURE_TOKENIZER.bind  # bind(cfg, params) -> Tokenizer: the module holding params (cheap inside jit)

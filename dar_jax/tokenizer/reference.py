@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dar_jax.checkpoint import mapping as M
+from dar_jax.checkpoint import mapping
 from dar_jax.checkpoint.torch_pickle import CheckpointError, find_state_dict, load_torch_file
 from dar_jax.config import ConfigError, from_mapping
 from dar_jax.tokenizer.config import TokenizerConfig
@@ -50,13 +50,13 @@ def _pixel_out_bias(p):
 
 
 def _linear(km, torch_prefix, path):
-    km[torch_prefix + ".weight"] = (path + ("kernel",), M.transpose)
-    km[torch_prefix + ".bias"] = (path + ("bias",), M.identity)
+    km[torch_prefix + ".weight"] = (path + ("kernel",), mapping.transpose)
+    km[torch_prefix + ".bias"] = (path + ("bias",), mapping.identity)
 
 
 def _layer_norm(km, torch_prefix, path):
-    km[torch_prefix + ".weight"] = (path + ("scale",), M.identity)
-    km[torch_prefix + ".bias"] = (path + ("bias",), M.identity)
+    km[torch_prefix + ".weight"] = (path + ("scale",), mapping.identity)
+    km[torch_prefix + ".bias"] = (path + ("bias",), mapping.identity)
 
 
 def _attention(km, tp, path):
@@ -76,22 +76,22 @@ def _transformer_block(km, tp, path):
     _mlp(km, f"{tp}.mlp", path + ("mlp",))
     _layer_norm(km, f"{tp}.norm1", path + ("norm1",))
     _layer_norm(km, f"{tp}.norm2", path + ("norm2",))
-    km[f"{tp}.gate1"] = (path + ("gate1",), M.identity)
-    km[f"{tp}.gate2"] = (path + ("gate2",), M.identity)
+    km[f"{tp}.gate1"] = (path + ("gate1",), mapping.identity)
+    km[f"{tp}.gate2"] = (path + ("gate2",), mapping.identity)
 
 
-def tokenizer_key_map(cfg) -> M.KeyMap:
+def tokenizer_key_map(cfg) -> mapping.KeyMap:
     """torch key -> (param path, transform) for the D-AR tokenizer of ``cfg``."""
     dc = cfg.diff_decoder
     p = dc.patch_size
-    km: M.KeyMap = {
+    km: mapping.KeyMap = {
         "patchify.weight": (("patchify_kernel",), _conv_patch_in),
-        "patchify.bias": (("patchify_bias",), M.identity),
-        "quant_in_conv.weight": (("quant_in",), M.conv1x1),
-        "quant_out_conv.weight": (("quant_out",), M.conv1x1),
-        "quantize.embedding.weight": (("codebook",), M.identity),
-        "query_embedding.weight": (("query_embedding",), M.identity),
-        "decoder_embedding.weight": (("decoder_embedding",), M.identity),
+        "patchify.bias": (("patchify_bias",), mapping.identity),
+        "quant_in_conv.weight": (("quant_in",), mapping.conv1x1),
+        "quant_out_conv.weight": (("quant_out",), mapping.conv1x1),
+        "quantize.embedding.weight": (("codebook",), mapping.identity),
+        "query_embedding.weight": (("query_embedding",), mapping.identity),
+        "decoder_embedding.weight": (("decoder_embedding",), mapping.identity),
     }
     if cfg.query_low_rank:
         _linear(km, "query_linear", ("query_linear",))
@@ -102,7 +102,7 @@ def tokenizer_key_map(cfg) -> M.KeyMap:
     net, d = "diff_decoder.net", ("diff",)
     _linear(km, f"{net}.cond_mlp", d + ("cond_mlp",))
     km[f"{net}.conv_in.weight"] = (d + ("conv_in_kernel",), _pixel_in(p))
-    km[f"{net}.conv_in.bias"] = (d + ("conv_in_bias",), M.identity)
+    km[f"{net}.conv_in.bias"] = (d + ("conv_in_bias",), mapping.identity)
     if dc.mlp_head:
         km[f"{net}.linear_out.linear.weight"] = (d + ("final", "kernel"), _pixel_out(p))
         km[f"{net}.linear_out.linear.bias"] = (d + ("final", "bias"), _pixel_out_bias(p))
@@ -142,14 +142,14 @@ def config_from_reference(config: Mapping[str, Any], where: str = "tokenizer con
 
 def tokenizer_params_from_state_dict(state_dict, cfg, where: str = "tokenizer checkpoint"):
     """Params for ``cfg`` from a reference state dict (REPA kept iff cfg.repa_projector)."""
-    sd = M.strip_prefixes(state_dict)
-    return M.convert(sd, tokenizer_key_map(cfg), abstract_params(cfg), where,
+    sd = mapping.strip_prefixes(state_dict)
+    return mapping.convert(sd, tokenizer_key_map(cfg), abstract_params(cfg), where,
                      ignore=_ignored(cfg))
 
 
 def check_tokenizer_shapes(shapes, cfg, where: str = "tokenizer listing") -> None:
     """Checks a {torch_key: shape} listing against ``cfg`` without allocating anything."""
-    M.check_shapes(M.strip_prefixes(shapes), tokenizer_key_map(cfg), abstract_params(cfg),
+    mapping.check_shapes(mapping.strip_prefixes(shapes), tokenizer_key_map(cfg), abstract_params(cfg),
                    where, ignore=_ignored(cfg))
 
 
@@ -170,7 +170,7 @@ def read_reference_tokenizer(path: str | os.PathLike, *, keep_repa: bool = True)
         cfg = config_from_reference(_model_config(ckpt, path), where=f"{path}: config.model")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    sd = M.strip_prefixes(find_state_dict(ckpt, STATE_KEYS, path))
+    sd = mapping.strip_prefixes(find_state_dict(ckpt, STATE_KEYS, path))
     has_repa = any(k.startswith(REPA_PREFIX) for k in sd)
     cfg = dataclasses.replace(cfg, repa_projector=bool(has_repa and keep_repa))
     params = tokenizer_params_from_state_dict(sd, cfg, where=f"tokenizer checkpoint {path}")

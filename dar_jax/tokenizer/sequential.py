@@ -24,7 +24,7 @@ import numpy as np
 
 from dar_jax.errors import DarError
 from dar_jax.nn.resize import resize_bicubic
-from dar_jax import solvers as S
+from dar_jax import solvers
 from dar_jax.tokenizer.config import TokenizerConfig
 from dar_jax.tokenizer.core import codes_to_cond, encode
 from dar_jax.tokenizer.model import bind
@@ -86,7 +86,7 @@ def tokens_in_groups(cfg: TokenizerConfig, groups: int) -> int:
 class DecodeState(NamedTuple):
     """Sampler state between calls of :func:`run_steps`: x at time point ``step`` (flow space)."""
     x: jax.Array              # (B, H, W, 3) float32
-    hist: S.History
+    hist: solvers.History
 
 
 def init_state(cfg: TokenizerConfig, noise: jax.Array, *, num_steps: int | None = None,
@@ -98,7 +98,7 @@ def init_state(cfg: TokenizerConfig, noise: jax.Array, *, num_steps: int | None 
     if start_image is not None:
         t = time_points(num_steps or cfg.num_denoising_steps, cfg.time_shift)[start_step]
         x = noise * (1.0 - t) + jnp.asarray(start_image, jnp.float32) * cfg.data_std * t
-    return DecodeState(x, S.init_history(x))
+    return DecodeState(x, solvers.init_history(x))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -129,17 +129,17 @@ def _run(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state
         xx, hh = carry
         ev = evaluator(i)
         t = times[i]
-        return S.step(solver, ev, xx, ev(xx, t), hh, t, times[i + 1])
+        return solvers.step(solver, ev, xx, ev(xx, t), hh, t, times[i + 1])
 
     x, hist = jax.lax.fori_loop(start, stop - 1, body, (x, hist))
     last = stop - 1
     ev = evaluator(last)
     t = times[last]
     v = ev(x, t)
-    preview, _ = S.step(solver, ev, x, v, hist, t, jnp.float32(1.0))
+    preview, _ = solvers.step(solver, ev, x, v, hist, t, jnp.float32(1.0))
     preview = postprocess(cfg, preview / cfg.data_std)
     if with_state:
-        x, hist = S.step(solver, ev, x, v, hist, t, times[last + 1])
+        x, hist = solvers.step(solver, ev, x, v, hist, t, times[last + 1])
         return DecodeState(x, hist), preview
     return preview
 
@@ -165,7 +165,7 @@ def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop,
     ``target``: the ``dar_jax.parallel.Target`` of the program (default: the first device).
     """
     num_steps = num_steps or cfg.num_denoising_steps
-    solver = S.canonical(solver)
+    solver = solvers.canonical(solver)
     _check_range(start, stop, num_steps)
     return _run(params, kv, state.x, state.hist, jnp.int32(start), jnp.int32(stop), cfg=cfg,
                 solver=solver, num_steps=num_steps, with_state=True, target=target)
@@ -188,7 +188,7 @@ def postprocess(cfg: TokenizerConfig, images: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "target"))
 def _decode(params, cond, x, start, stop, *, cfg, solver, num_steps, target=None):
     kv = bind(cfg, params).diff.prepare_cond(cond, target)
-    return _run(params, kv, x, S.init_history(x), start, stop, cfg=cfg, solver=solver,
+    return _run(params, kv, x, solvers.init_history(x), start, stop, cfg=cfg, solver=solver,
                 num_steps=num_steps, with_state=False, target=target)
 
 
@@ -235,7 +235,7 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
     num_steps = int(num_steps or cfg.num_denoising_steps)
     if num_steps < 1:
         raise DecodeError(f"num_steps must be >= 1, got {num_steps}")
-    solver = S.canonical(solver)
+    solver = solvers.canonical(solver)
     codes_or_cond = jnp.asarray(codes_or_cond)
     if jnp.issubdtype(codes_or_cond.dtype, jnp.integer):
         cond = codes_to_cond(cfg, params, codes_or_cond, check=check, target=target)

@@ -23,10 +23,8 @@ def run_from_config(cfg, workdir: str, hooks=None) -> dict:
     and runs the trainer (``hooks``: see :class:`dar_jax.train.loop.Trainer`)."""
     from dar_jax import parallel
     from dar_jax.train.loop import Trainer, check_run_config, check_workdir
-    from dar_jax.train.optim import check_optim
     check_workdir(workdir)        # before anything is initialised, loaded or written
-    check_run_config(cfg)
-    check_optim(dict(cfg.optim))
+    check_run_config(cfg)         # the typed train / optim / checkpoint / logging sections
     d = cfg.distributed
     parallel.initialize(d.coordinator_address or None, d.num_processes or None,
                         d.process_id if d.process_id >= 0 else None,

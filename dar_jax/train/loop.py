@@ -34,6 +34,7 @@ from dar_jax.config import ConfigError, as_plain
 from dar_jax.train.checkpointing import TrainCheckpoints
 from dar_jax.train.metrics import MetricsWriter, mfu
 from dar_jax.train.optim import make_optimizer
+from dar_jax.train.run_config import run_sections
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,6 @@ class Task:
         return {}
 
 
-def _get(section, key, default):
-    return section[key] if key in section else default
-
-
 def new_train_state(task: Task, tx, params, *, extra_key, rng_key, ema_decay: float) -> dict:
     """The state the train step takes and returns: step, params, optimizer state, PRNG state,
     the task's extras and, with ``ema_decay > 0``, an EMA copy of the params (own buffers, so
@@ -171,27 +168,10 @@ def check_workdir(workdir: str) -> str:
     return workdir
 
 
-def check_run_config(cfg) -> None:
-    """The trainer's numbers (train, checkpoint, logging sections): each named when out of range."""
-    tr, ck, lg = cfg.train, cfg.checkpoint, cfg.logging
-    bad = []
-
-    def need(ok, text):
-        if not ok:
-            bad.append(text)
-
-    need(int(tr.global_batch_size) >= 1, f"train.global_batch_size must be >= 1, got {tr.global_batch_size}")
-    need(int(tr.steps) >= 1, f"train.steps must be positive, got {tr.steps}")
-    need(0.0 <= float(_get(tr, "ema_decay", 0.0)) < 1.0, f"train.ema_decay must lie in [0, 1), got {_get(tr, 'ema_decay', 0.0)}")
-    need(int(_get(tr, "eval_every_steps", 0)) >= 0, "train.eval_every_steps must be >= 0")
-    need(int(_get(ck, "every_steps", 1000)) >= 1, f"checkpoint.every_steps must be >= 1, got {_get(ck, 'every_steps', 1000)}")
-    need(int(_get(ck, "keep", 3)) >= 1, f"checkpoint.keep must be >= 1, got {_get(ck, 'keep', 3)}")
-    need(int(_get(ck, "keep_period", 0)) >= 0, "checkpoint.keep_period must be >= 0")
-    need(str(_get(ck, "export_dtype", "float32")) in store.STORAGE_DTYPES,
-         f"checkpoint.export_dtype must be one of {store.STORAGE_DTYPES}")
-    need(int(_get(lg, "every_steps", 50)) >= 1, f"logging.every_steps must be >= 1, got {_get(lg, 'every_steps', 50)}")
-    if bad:
-        raise ConfigError("; ".join(bad))
+def check_run_config(cfg):
+    """The trainer's typed sections of ``cfg`` (train, optim, checkpoint, logging), each value
+    checked: :class:`ConfigError` names every bad or unknown key."""
+    return run_sections(cfg)
 
 
 class Trainer:
@@ -205,14 +185,14 @@ class Trainer:
 
     def __init__(self, cfg, task: Task, workdir: str, devices=None, hooks=None):
         """``devices``: the devices of the mesh (default: all devices of all processes)."""
-        check_run_config(cfg)
+        self.sections = check_run_config(cfg)
         self.cfg, self.task, self.workdir = cfg, task, check_workdir(workdir)
         self.hooks = hooks or (lambda event, step: None)
         self.is_main = jax.process_index() == 0
-        tr = cfg.train
-        self.global_batch = int(tr.global_batch_size)
-        self.total_steps = int(tr.steps)
-        self.ema_decay = float(_get(tr, "ema_decay", 0.0))
+        tr = self.sections.train
+        self.global_batch = tr.global_batch_size
+        self.total_steps = tr.steps
+        self.ema_decay = float(tr.ema_decay)
         self.mesh = parallel.make_mesh(dict(cfg.mesh), devices)
         self.rules = parallel.normalize_rules(cfg.sharding_rules)
         self.target = parallel.target_for(self.mesh, self.rules)
@@ -223,7 +203,7 @@ class Trainer:
         if self.global_batch % jax.process_count():
             raise ConfigError(f"global batch {self.global_batch} is not divisible by the "
                               f"{jax.process_count()} processes")
-        self.tx, self.schedule = make_optimizer(dict(cfg.optim), self.total_steps)
+        self.tx, self.schedule = make_optimizer(self.sections.optim, self.total_steps)
         self._stop_requested = False
 
     # --- state -------------------------------------------------------------------------------
@@ -235,8 +215,12 @@ class Trainer:
     def _state_shardings(self, abstract_state):
         mesh, rules = self.mesh, self.rules
         p_sh = parallel.tree_shardings(self.task.logical_axes(), abstract_state["params"], mesh, rules)
-        sh = {"step": parallel.replicated(mesh), "params": p_sh,
-              "opt_state": parallel.shardings_like_params(abstract_state["opt_state"], p_sh, mesh),
+        # the optimizer's moments where the params are, its counters replicated (optax knows
+        # which leaves of its state mirror the params)
+        opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_state["opt_state"], p_sh,
+                                       transform_non_params=lambda _: parallel.replicated(mesh),
+                                       is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        sh = {"step": parallel.replicated(mesh), "params": p_sh, "opt_state": opt_sh,
               "rng": parallel.replicated(mesh),
               "extra": self.task.extra_shardings(abstract_state["extra"], mesh, rules)}
         if "ema" in abstract_state:
@@ -290,100 +274,110 @@ class Trainer:
 
     # --- run -------------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, task = self.cfg, self.task
-        ck_cfg, lg_cfg = cfg.checkpoint, cfg.logging
-        seed = int(cfg.train.seed)
+        """Restores (or initialises), compiles the step and trains to ``train.steps``; exports
+        ``<workdir>/model`` at the end. -> {step, start_step, stopped, last logged metrics}."""
+        ck, lg = self.sections.checkpoint, self.sections.logging
         old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        writer = MetricsWriter(self.workdir, tensorboard=bool(_get(lg_cfg, "tensorboard", True)),
-                               enabled=self.is_main)
-        ckpts = TrainCheckpoints(os.path.join(self.workdir, "checkpoints"),
-                                 keep=int(_get(ck_cfg, "keep", 3)),
-                                 keep_period=int(_get(ck_cfg, "keep_period", 0)) or None,
-                                 async_save=bool(_get(ck_cfg, "async_save", True)))
+        writer = MetricsWriter(self.workdir, tensorboard=lg.tensorboard, enabled=self.is_main)
+        ckpts = TrainCheckpoints(os.path.join(self.workdir, "checkpoints"), keep=ck.keep,
+                                 keep_period=ck.keep_period or None, async_save=ck.async_save)
         try:
             try:
-                return self._run(cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg)
+                return self._restore_compile_train(writer, ckpts)
             except _UnusableCheckpoint as e:
                 # finite but poisoned parameters (e.g. the step before a divergence): once, fall
                 # back to the previous checkpoint, whose next step was checked finite
                 log.warning("%s: moving checkpoint step %d aside and resuming from the previous one",
                             e, e.step)
                 ckpts.move_aside([e.step], "diverged")
-                return self._run(cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg, first_check=False)
+                return self._restore_compile_train(writer, ckpts, check_resumed=False)
         finally:
             ckpts.close()
             writer.close()
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
 
-    def _run(self, cfg, task, seed, writer, ckpts, lg_cfg, ck_cfg, first_check=True):
-        mesh = self.mesh
-        task.workdir = self.workdir
-        abstract, state_sh = self.abstract_state(seed)
-        data = task.make_data(split="train", process_index=jax.process_index(),
-                              process_count=jax.process_count())
-        restored = ckpts.restore(abstract, data_template=data.get_state())
-        if restored is not None:
-            start, state, saved_data, _ = restored
-            if saved_data:
-                data.set_state(saved_data)
-            log.info("resumed from step %d", start)
-        else:
-            start = 0
-            state = jax.jit(self._init_state, out_shardings=state_sh)(jax.random.key(seed))
+    def _restore_compile_train(self, writer, ckpts, check_resumed=True) -> dict:
+        self.task.workdir = self.workdir
+        data = self.task.make_data(split="train", process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+        start, state, abstract = self._restore(ckpts, data)
         writer.resume_at(start)  # rows of steps after the checkpoint are replayed: drop them
-        consts = parallel.put_global(task.consts(), parallel.replicated(mesh))  # host values
-
+        consts = parallel.put_global(self.task.consts(), parallel.replicated(self.mesh))  # host values
         data_state = _snapshot(data.get_state())  # the iterator's state for the state's step
-        first = task.prepare_batch(next(data))
+        first = self.task.prepare_batch(next(data))
+        compiled = self._compile(start, abstract, first, consts)
+        state, step, stopped, last_metrics = self._train(
+            compiled, state, consts, data, first, data_state, start, writer, ckpts, check_resumed)
+        if not stopped:
+            self._export(state, step)
+        return {"step": step, "start_step": start, "stopped": stopped, **last_metrics}
+
+    def _restore(self, ckpts, data):
+        """(start step, train state, abstract state): the latest checkpoint (the data iterator
+        set to its state) or a fresh state from ``train.seed``."""
+        seed = self.sections.train.seed
+        abstract, state_sh = self.abstract_state(seed)
+        restored = ckpts.restore(abstract, data_template=data.get_state())
+        if restored is None:
+            return 0, jax.jit(self._init_state, out_shardings=state_sh)(jax.random.key(seed)), abstract
+        start, state, saved_data, _ = restored
+        if saved_data:
+            data.set_state(saved_data)
+        log.info("resumed from step %d", start)
+        return start, state, abstract
+
+    def _compile(self, start, abstract, first_batch, consts):
+        """The train step compiled for the first batch's shapes (before the loop)."""
         abstract_batch = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((self.global_batch,) + np.shape(x)[1:], np.asarray(x).dtype),
-            first)
+            first_batch)
         self.hooks("compile", start)
         t0 = time.perf_counter()
         compiled = self.lower_train_step(abstract_batch, consts, abstract).compile()
         log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+        return compiled
 
-        meta = {"kind": task.family.kind if task.family else "", "model_config": _dataclass_dict(task.model_cfg),
-                "run_config": as_plain(cfg)}
-        log_every = int(_get(lg_cfg, "every_steps", 50))
-        ckpt_every = int(_get(ck_cfg, "every_steps", 1000))
-        eval_every = int(_get(cfg.train, "eval_every_steps", 0)) if "eval_every_steps" in cfg.train else 0
-        peak = float(_get(lg_cfg, "peak_tflops_per_device", 0.0)) * 1e12
-        flops_per_step = task.flops_per_example() * self.global_batch
-        tokens_per_step = task.tokens_per_example() * self.global_batch
-
-        bar = _progress(self.total_steps, start) if self.is_main and _get(lg_cfg, "progress", True) else None
+    def _train(self, compiled, state, consts, data, batch, data_state, start, writer, ckpts,
+               check_resumed):
+        """The loop from ``start`` to ``train.steps`` (or a stop request): -> (state, step,
+        stopped, last logged metrics). Metrics are fetched one step late."""
+        task, mesh = self.task, self.mesh
+        every = (self.sections.logging.every_steps, self.sections.checkpoint.every_steps,
+                 self.sections.train.eval_every_steps)
+        log_every, ckpt_every, eval_every = every
+        meta = {"kind": task.family.kind if task.family else "",
+                "model_config": _dataclass_dict(task.model_cfg), "run_config": as_plain(self.cfg)}
+        rate = _Throughput(task.flops_per_example() * self.global_batch,
+                           task.tokens_per_example() * self.global_batch,
+                           self.sections.logging.peak_tflops_per_device * 1e12)
+        bar = (_progress(self.total_steps, start)
+               if self.is_main and self.sections.logging.progress else None)
         pending: tuple[int, Any] | None = None
-        window_start, window_steps = time.perf_counter(), 0
         last_metrics: dict = {}
         step = start
-        batch = first
         if eval_every and start == 0:  # the baseline every later evaluation is compared with
             writer.write(0, task.evaluate(state, 0, writer, self.target))
         while step < self.total_steps:
             if self._should_stop(step):
                 if pending is not None:
                     self._check_finite(*pending, ckpts)
-                last_metrics = self._flush(pending, writer, last_metrics)
+                last_metrics = self._log(pending, writer, rate) if pending else last_metrics
                 saved = ckpts.save(step, state, data_state, meta, force=True)
                 ckpts.wait()
                 log.warning("%s step %d after SIGTERM; exiting", "saved" if saved else "already saved", step)
-                return {"step": step, "start_step": start, "stopped": True, **last_metrics}
-            gbatch = parallel.global_batch(batch, mesh, self.rules)
-            state, metrics = compiled(state, gbatch, consts)
+                return state, step, True, last_metrics
+            state, metrics = compiled(state, parallel.global_batch(batch, mesh, self.rules), consts)
             step += 1
-            window_steps += 1
+            rate.steps += 1
             data_state = _snapshot(data.get_state())  # exactly `step` batches consumed
-            if step == start + 1 and start > 0 and first_check:
+            if step == start + 1 and start > 0 and check_resumed:
                 self._check_resumed(step, metrics)
             # metrics of the previous step, fetched while this one runs
             if pending is not None:
                 self._check_finite(*pending, ckpts)
                 if pending[0] % log_every == 0:
-                    last_metrics = self._log(pending, writer, window_start, window_steps - 1,
-                                             flops_per_step, tokens_per_step, peak)
-                    window_start, window_steps = time.perf_counter(), 1
+                    last_metrics = self._log(pending, writer, rate, exclude_running=True)
             pending = (step, metrics)
             if bar is not None:
                 bar.update(1)
@@ -396,22 +390,26 @@ class Trainer:
             self.hooks("step", step)
             if step < self.total_steps:
                 batch = task.prepare_batch(next(data))
-        last_metrics = self._flush(pending, writer, last_metrics, window_start, window_steps,
-                                   flops_per_step, tokens_per_step, peak)
+        last_metrics = self._log(pending, writer, rate) if pending else last_metrics
         ckpts.wait()
         if bar is not None:
             bar.close()
-        final = state.get("ema", state["params"]) if self.ema_decay > 0 else state["params"]
-        if task.family is not None:
-            # every process takes part in the gather (the params may span hosts); one writes
-            host_params = parallel.gather_to_host(final)
-            if self.is_main:
-                store.save_model(os.path.join(self.workdir, "model"), task.family, task.model_cfg,
-                                 host_params, extra={"step": step, "ema": self.ema_decay > 0},
-                                 storage_dtype=str(_get(self.cfg.checkpoint, "export_dtype", "float32")),
-                                 overwrite=True)  # replaces only a previous export (check_workdir)
-            _barrier("dar_export")
-        return {"step": step, "start_step": start, "stopped": False, **last_metrics}
+        return state, step, False, last_metrics
+
+    def _export(self, state, step):
+        """``<workdir>/model``: the EMA (or the params) of the final state, in the family's format."""
+        task = self.task
+        if task.family is None:
+            return
+        final = state["ema"] if self.ema_decay > 0 else state["params"]
+        # every process takes part in the gather (the params may span hosts); one writes
+        host_params = parallel.gather_to_host(final)
+        if self.is_main:
+            store.save_model(os.path.join(self.workdir, "model"), task.family, task.model_cfg,
+                             host_params, extra={"step": step, "ema": self.ema_decay > 0},
+                             storage_dtype=self.sections.checkpoint.export_dtype,
+                             overwrite=True)  # replaces only a previous export (check_workdir)
+        _barrier("dar_export")
 
     # --- helpers ---------------------------------------------------------------------------------
     def _check_finite(self, step, metrics, ckpts=None):
@@ -435,30 +433,41 @@ class Trainer:
             raise _UnusableCheckpoint(step - 1, f"the first step after resuming from step {step - 1} "
                                                 f"has a non-finite {' and '.join(bad)}")
 
-    def _log(self, pending, writer, window_start, window_steps, flops_per_step, tokens_per_step, peak):
+    def _log(self, pending, writer, rate: "_Throughput", exclude_running: bool = False) -> dict:
+        """Writes the metrics of ``pending = (step, metrics)`` with the throughput since the last
+        log (``exclude_running``: the step just dispatched is not finished, so not counted)."""
         step, metrics = pending
         self._check_finite(step, metrics)
         values = {k: float(np.asarray(v)) for k, v in metrics.items() if k != _FINITE}
         values["lr"] = float(self.schedule(step - 1))
-        elapsed = time.perf_counter() - window_start
-        if window_steps > 0 and elapsed > 0:
-            sps = window_steps / elapsed
-            values["steps_per_s"] = sps
-            values["tokens_per_s"] = sps * tokens_per_step
-            if flops_per_step:
-                values["tflops_per_s_per_device"] = sps * flops_per_step / jax.device_count() / 1e12
-                if peak:
-                    values["mfu"] = mfu(sps * flops_per_step, peak, jax.device_count())
+        values.update(rate.take(exclude_running))
         writer.write(step, values)   # process 0 only (the writer of the other processes is off)
         if self.is_main:
             log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
         return values
 
-    def _flush(self, pending, writer, last, window_start=None, window_steps=0, flops=0.0, tokens=0, peak=0.0):
-        if pending is None:
-            return last
-        return self._log(pending, writer, window_start or time.perf_counter(), window_steps,
-                         flops, tokens, peak)
+
+class _Throughput:
+    """Steps / tokens / FLOPs per second (and MFU) over the window since the last log."""
+
+    def __init__(self, flops_per_step: float, tokens_per_step: int, peak_flops_per_device: float):
+        self.flops, self.tokens, self.peak = flops_per_step, tokens_per_step, peak_flops_per_device
+        self.start, self.steps = time.perf_counter(), 0
+
+    def take(self, exclude_running: bool) -> dict:
+        """The rates of the window, which then restarts (keeping a still-running step)."""
+        done = self.steps - 1 if exclude_running else self.steps
+        elapsed = time.perf_counter() - self.start
+        out = {}
+        if done > 0 and elapsed > 0:
+            sps = done / elapsed
+            out = {"steps_per_s": sps, "tokens_per_s": sps * self.tokens}
+            if self.flops:
+                out["tflops_per_s_per_device"] = sps * self.flops / jax.device_count() / 1e12
+                if self.peak:
+                    out["mfu"] = mfu(sps * self.flops, self.peak, jax.device_count())
+        self.start, self.steps = time.perf_counter(), self.steps - done
+        return out
 
 
 def _with_finite_flag(step_fn):

@@ -1,7 +1,9 @@
 """The shape of a run config (every section and key a run may set), shared by ``configs/*.py``.
 
 Config files start from :func:`base_config` and change values; because the returned ConfigDict
-is locked by the loader, a key outside this shape is an error naming it.
+is locked by the loader, a key outside this shape is an error naming it. The sections the
+trainer reads are typed dataclasses (:class:`TrainConfig`, ``optim.OptimConfig``,
+:class:`CheckpointConfig`, :class:`LoggingConfig`), whose defaults are the config's defaults.
 """
 from __future__ import annotations
 
@@ -9,29 +11,118 @@ import dataclasses
 
 import ml_collections
 
+from dar_jax.config import ConfigError, as_plain, from_mapping, typed_section
 from dar_jax.data import DataConfig
-
 from dar_jax.parallel.sharding import DEFAULT_RULES
+from dar_jax.train.optim import OptimConfig, optim_config
+
+
+def _positive(section: str, **values) -> list[str]:
+    return [f"{section}.{k} must be >= 1, got {v!r}" for k, v in values.items()
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+
+
+def _non_negative(section: str, **values) -> list[str]:
+    return [f"{section}.{k} must be >= 0, got {v!r}" for k, v in values.items()
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+
+
+def _check(bad: list[str]) -> None:
+    if bad:
+        raise ConfigError("; ".join(bad))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` section: how many steps of which global batch, seeded how."""
+    global_batch_size: int = 256
+    steps: int = 1000
+    seed: int = 0
+    ema_decay: float = 0.0        # 0 = no EMA; the exported model is the EMA when > 0
+    eval_every_steps: int = 0     # 0 = no periodic evaluation
+
+    def __post_init__(self):
+        bad = _positive("train", global_batch_size=self.global_batch_size)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            bad.append(f"train.steps must be positive, got {self.steps!r}")
+        bad += _non_negative("train", eval_every_steps=self.eval_every_steps)
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
+            bad.append(f"train.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        _check(bad)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """The ``checkpoint`` section: periodic orbax checkpoints and the exported model's storage."""
+    every_steps: int = 1000
+    keep: int = 3
+    keep_period: int = 0          # also keep every step divisible by this (0 = none)
+    async_save: bool = True
+    export_dtype: str = "float32"  # storage of <workdir>/model ("bfloat16" halves it; loads as float32)
+
+    def __post_init__(self):
+        from dar_jax.checkpoint.store import STORAGE_DTYPES
+        bad = _positive("checkpoint", every_steps=self.every_steps, keep=self.keep)
+        bad += _non_negative("checkpoint", keep_period=self.keep_period)
+        if self.export_dtype not in STORAGE_DTYPES:
+            bad.append(f"checkpoint.export_dtype must be one of {STORAGE_DTYPES}, got {self.export_dtype!r}")
+        _check(bad)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """The ``logging`` section: metrics every ``every_steps`` (one step late), MFU against
+    ``peak_tflops_per_device`` when it is set (``dar_jax.hardware``)."""
+    every_steps: int = 50
+    tensorboard: bool = True
+    progress: bool = True
+    peak_tflops_per_device: float = 0.0
+
+    def __post_init__(self):
+        bad = _positive("logging", every_steps=self.every_steps)
+        if not (isinstance(self.peak_tflops_per_device, (int, float)) and self.peak_tflops_per_device >= 0):
+            bad.append(f"logging.peak_tflops_per_device must be >= 0, got {self.peak_tflops_per_device!r}")
+        _check(bad)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSections:
+    """The trainer's typed view of a run config's train / optim / checkpoint / logging sections."""
+    train: TrainConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+
+
+def run_sections(cfg) -> RunSections:
+    """The typed, checked sections of run config ``cfg``; :class:`ConfigError` names every bad
+    or unknown key."""
+    return RunSections(
+        train=from_mapping(TrainConfig, as_plain(cfg.train), where="train"),
+        optim=optim_config(cfg.optim),
+        checkpoint=from_mapping(CheckpointConfig, as_plain(cfg.checkpoint), where="checkpoint"),
+        logging=from_mapping(LoggingConfig, as_plain(cfg.logging), where="logging"))
+
+
+def _section(cls) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dataclasses.asdict(cls()))
 
 
 def base_config(task: str = "ar") -> ml_collections.ConfigDict:
+    """Every section and key a run of ``task`` ("ar" | "tokenizer") may set, at its default.
+    Keys whose default is None are typed placeholders (overridable from the command line)."""
     c = ml_collections.ConfigDict()
-    c.task = task                       # "ar" | "tokenizer"
-    c.model = ml_collections.ConfigDict(model_defaults(task))  # every field of the model config
-    c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))  # keys: dar_jax.data.DataConfig
-    c.tokenizer = ml_collections.ConfigDict(dict(checkpoint=""))  # AR: tokenize images on the fly
-    c.optim = ml_collections.ConfigDict(dict(
-        name="adamw", lr=1e-4, weight_decay=0.05, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
-        warmup_steps=0, schedule="constant", min_lr_ratio=0.0, decay_steps=0))
-    c.train = ml_collections.ConfigDict(dict(
-        global_batch_size=256, steps=1000, seed=0, ema_decay=0.0, eval_every_steps=0))
+    c.task = task
+    c.model = typed_section(model_defaults(task), _model_class(task))  # every field of the model config
+    c.data = _section(DataConfig)                     # keys: dar_jax.data.DataConfig
+    if task == "ar":
+        c.tokenizer = ml_collections.ConfigDict(dict(checkpoint=""))  # tokenize images on the fly
+    c.optim = _section(OptimConfig)
+    c.train = _section(TrainConfig)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.sharding_rules = [list(r) for r in DEFAULT_RULES]
-    # export_dtype: storage of the exported <workdir>/model ("bfloat16" halves it; loads as float32)
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, keep_period=0, async_save=True,
-                                                  export_dtype="float32"))
-    c.logging = ml_collections.ConfigDict(dict(every_steps=50, tensorboard=True, progress=True,
-                                               peak_tflops_per_device=0.0))
+    c.sharding_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
+    c.checkpoint = _section(CheckpointConfig)
+    c.logging = _section(LoggingConfig)
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,
                                                    process_id=-1, cpu_collectives=""))
     # optional cheap FID / IS every train.eval_every_steps (inception: pytorch-fid weights)
@@ -40,13 +131,20 @@ def base_config(task: str = "ar") -> ml_collections.ConfigDict:
         solver="adams2", steps=0, batch_size=16))
     if task == "tokenizer":
         from dar_jax.train.tokenizer_task import GanConfig, LossConfig
-        c.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
-        c.gan = ml_collections.ConfigDict(dataclasses.asdict(GanConfig()))
+        c.loss = _section(LossConfig)
+        c.gan = _section(GanConfig)
         # weight files users already have; empty = that loss is off (logged once)
         c.perceptual = ml_collections.ConfigDict(dict(lpips_vgg="", lpips_heads="", dinov2=""))
         c.eval.update(dict(num_images=8))   # held-out images for PSNR / SSIM / rFID / grids
-        del c["tokenizer"]
     return c
+
+
+def _model_class(task: str):
+    if task == "ar":
+        from dar_jax.ar import GPTConfig
+        return GPTConfig
+    from dar_jax.tokenizer import TokenizerConfig
+    return TokenizerConfig
 
 
 def model_defaults(task: str) -> dict:
