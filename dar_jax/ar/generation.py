@@ -178,9 +178,9 @@ def _generate(cfg: GPTConfig, st: _StaticOptions, params, inp: _TracedInputs):
     return _advance(cfg, st, params, inp, _prefill(cfg, st, params, inp), 1, st.num_tokens).tokens
 
 
-_generate_jit = jax.jit(_generate, static_argnums=(0, 1))
-_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1))
-_advance_jit = jax.jit(_advance, static_argnums=(0, 1), donate_argnums=(4,))
+_generate_jit = jax.jit(_generate, static_argnames=("cfg", "st"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "st"))
+_advance_jit = jax.jit(_advance, static_argnames=("cfg", "st"), donate_argnames=("state",))
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ precision/recall from k-NN balls with squared euclidean distances and ``<=``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import zipfile
@@ -233,7 +234,7 @@ def _sq_distances(u: jax.Array, v: jax.Array, dtype: str) -> jax.Array:
     return jax.lax.cond(jnp.isfinite(d16).all(), lambda: d16, lambda: dist(u, v, jnp.float32))
 
 
-@jax.jit(static_argnames=("k", "dtype"))
+@functools.partial(jax.jit, static_argnames=("k", "dtype"))
 def _knn_block(running, rows, cols, col_valid, k: int, dtype: str):
     """Merges a column block into the running k+1 smallest distances per row (ascending)."""
     d = jnp.where(col_valid[None, :], _sq_distances(rows, cols, dtype), jnp.inf)
@@ -241,7 +242,7 @@ def _knn_block(running, rows, cols, col_valid, k: int, dtype: str):
     return -jax.lax.top_k(-both, k + 1)[0]
 
 
-@jax.jit(static_argnames=("dtype",))
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def _pr_block(f1, r1, valid1, f2, r2, valid2, dtype: str):
     """Which rows of f1 lie in a ball of f2 (radius r2) and which rows of f2 in a ball of f1."""
     d = _sq_distances(f1, f2, dtype)

@@ -23,7 +23,7 @@ class PureModule:
     def __init__(self, module_cls: Callable[..., nnx.Module]):
         self.module_cls = module_cls
         self._split = functools.lru_cache(maxsize=None)(self._build_split)
-        self._init = jax.jit(self._init_impl, static_argnums=0)
+        self._init = jax.jit(self._init_impl, static_argnames=("cfg",))
 
     def _new(self, cfg: Any, rngs: nnx.Rngs) -> nnx.Module:
         return self.module_cls(rngs=rngs) if cfg is None else self.module_cls(cfg, rngs=rngs)

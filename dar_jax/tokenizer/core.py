@@ -79,12 +79,12 @@ def check_codes(cfg: TokenizerConfig, codes) -> None:
 # ----------------------------------------------------------------------------------------------
 # encoder and quantizer
 # ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(jax.jit, static_argnames=("cfg", "remat", "target"))
 def _latents(cfg, params, images, remat="none", target=None):
     return bind(cfg, params).encode(images, remat=remat, target=target)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jax.jit, static_argnames=("cfg", "target"))
 def _encode(cfg, params, images, target=None):
     model = bind(cfg, params)
     return quantizer.quantize(model.encode(images, target=target), model.codebook[...]).codes
@@ -116,7 +116,7 @@ def encode_latents(cfg: TokenizerConfig, params, images, *, check_range: bool = 
 # ----------------------------------------------------------------------------------------------
 # decoder layers
 # ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(jax.jit, static_argnames=("cfg", "remat", "target"))
 def _quant_to_cond(cfg, params, quant, remat="none", target=None):
     return bind(cfg, params).decoder_layers_forward(quant, remat=remat, target=target)
 
@@ -138,7 +138,7 @@ def codes_to_quant(cfg: TokenizerConfig, params, codes, *, check: bool = True) -
     return quantizer.lookup(jnp.asarray(codes, jnp.int32), params["codebook"])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jax.jit, static_argnames=("cfg", "target"))
 def _codes_to_cond(cfg, params, codes, target=None):
     model = bind(cfg, params)
     return model.decoder_layers_forward(quantizer.lookup(codes, model.codebook[...]), target=target)

@@ -101,7 +101,7 @@ def init_state(cfg: TokenizerConfig, noise: jax.Array, *, num_steps: int | None 
     return DecodeState(x, solvers.init_history(x))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jax.jit, static_argnames=("cfg", "target"))
 def cross_kv(cfg: TokenizerConfig, params, cond: jax.Array, target=None):
     """Per-block cross-attention keys/values of every condition token (computed once per cond).
     cond: (B, N', D) -> tuple over blocks of (k, v), each (B, N', heads, 64)."""
