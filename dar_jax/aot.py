@@ -12,7 +12,7 @@ shapes (``jax.eval_shape``) on the devices of the named topology
 extra: ``pip install -e '.[tpu]'``). The train program is the one ``train.py`` runs (the
 trainer's own ``lower_train_step``: mesh and shardings from the config, state donated); the
 AR task's frozen tokenizer comes from ``--tokenizer-config`` (default: the run config's
-tokenizer checkpoint's config.json if it exists, else ``configs/tokenizer_v1.py``) and the
+tokenizer checkpoint's config.json if it exists, else ``configs/tokenizer_v1.py`` of the working directory) and the
 tokenizer task's LPIPS / DINOv2 get abstract weights.
 
 The report (a table, and JSON with ``--json``) holds the compiler's memory and cost analyses,
@@ -41,8 +41,9 @@ from dar_jax.errors import DarError
 from dar_jax.config import ConfigError
 from dar_jax.hardware import Topology, TopologyError, parse_topology
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TOKENIZER_CONFIG = os.path.join(REPO, "configs", "tokenizer_v1.py")
+# the AR task's tokenizer when neither --tokenizer-config nor the run config names one (relative
+# to the working directory, like --config: the commands run from a checkout)
+DEFAULT_TOKENIZER_CONFIG = os.path.join("configs", "tokenizer_v1.py")
 GIB = 2 ** 30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -529,16 +530,26 @@ def _abstract_tokenizer(path: str | None, run_cfg=None):
     config's tokenizer checkpoint's config.json, else configs/tokenizer_v1.py."""
     from dar_jax import tokenizer as tok
     from dar_jax.checkpoint import store
-    from dar_jax.train.tokenizer_task import tokenizer_config_from_run
     if not path and run_cfg is not None and "tokenizer" in run_cfg and run_cfg.tokenizer.checkpoint:
         ckpt = run_cfg.tokenizer.checkpoint
         if os.path.exists(os.path.join(ckpt, store.CONFIG_FILE)):
             meta = store.read_model_meta(ckpt)
             cfg = tok.tokenizer_config(meta["config"])
             return cfg, tok.abstract_params(cfg), f"tokenizer config of {ckpt}"
-    path = path or DEFAULT_TOKENIZER_CONFIG
-    cfg = tokenizer_config_from_run(_load(path).model)
-    return cfg, tok.abstract_params(cfg), f"tokenizer from {os.path.relpath(path, REPO)}"
+    cfg, where = _tokenizer_from_config(path)
+    return cfg, tok.abstract_params(cfg), where
+
+
+def _tokenizer_from_config(path: str | None):
+    """(TokenizerConfig of a tokenizer run config, where it came from); the default is
+    ``configs/tokenizer_v1.py`` in the working directory."""
+    from dar_jax.train.tokenizer_task import tokenizer_config_from_run
+    if not path:
+        path = DEFAULT_TOKENIZER_CONFIG
+        if not os.path.isfile(path):
+            raise AOTError(f"no tokenizer config: pass --tokenizer-config (the default, {path}, "
+                           f"is not in the working directory {os.getcwd()})")
+    return tokenizer_config_from_run(_load(path).model), f"tokenizer from {path}"
 
 
 def _load(path: str, overrides=()):
@@ -567,7 +578,7 @@ def train_program(cfg, devices, tokenizer_config: str | None = None) -> Program:
             tokenizer = (tok_cfg, tok_params)
             notes.append(f"images tokenized in the step ({where})")
         task = ARTask(cfg, tokenizer=tokenizer)
-    trainer = Trainer(cfg, task, workdir=os.path.join(REPO, "runs", "aot"), devices=devices)
+    trainer = Trainer(cfg, task, workdir=None, devices=devices)   # lowering only: no files
     gb = trainer.global_batch
     consts = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), task.consts())
     state, state_sh = trainer.abstract_state()
@@ -828,8 +839,7 @@ def run(args, overrides) -> dict:
     else:
         if args.batch < 1:
             raise AOTError("--program sample needs --batch (images per program)")
-        from dar_jax.train.tokenizer_task import tokenizer_config_from_run
-        tok_cfg = tokenizer_config_from_run(_load(args.tokenizer_config or DEFAULT_TOKENIZER_CONFIG).model)
+        tok_cfg, _ = _tokenizer_from_config(args.tokenizer_config)
         program = sample_program(_gpt_config(args.gpt_config), tok_cfg, devices, args.batch,
                                  cfg_scale=args.cfg_scale, solver=args.solver,
                                  num_steps=args.steps or None)

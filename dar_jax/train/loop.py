@@ -183,10 +183,12 @@ class Trainer:
     checkpoint of ``step`` was started, and ``"step"`` when everything of ``step`` is done.
     """
 
-    def __init__(self, cfg, task: Task, workdir: str, devices=None, hooks=None):
-        """``devices``: the devices of the mesh (default: all devices of all processes)."""
+    def __init__(self, cfg, task: Task, workdir: str | None, devices=None, hooks=None):
+        """``devices``: the devices of the mesh (default: all devices of all processes);
+        ``workdir=None``: a trainer that only lowers its step (``dar_jax.aot``) and writes nothing."""
         self.sections = check_run_config(cfg)
-        self.cfg, self.task, self.workdir = cfg, task, check_workdir(workdir)
+        self.cfg, self.task = cfg, task
+        self.workdir = check_workdir(workdir) if workdir is not None else None
         self.hooks = hooks or (lambda event, step: None)
         self.is_main = jax.process_index() == 0
         tr = self.sections.train
@@ -276,6 +278,8 @@ class Trainer:
     def run(self) -> dict:
         """Restores (or initialises), compiles the step and trains to ``train.steps``; exports
         ``<workdir>/model`` at the end. -> {step, start_step, stopped, last logged metrics}."""
+        if self.workdir is None:
+            raise ConfigError("this trainer has no workdir (it was built to lower its step only)")
         ck, lg = self.sections.checkpoint, self.sections.logging
         old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         writer = MetricsWriter(self.workdir, tensorboard=lg.tensorboard, enabled=self.is_main)
