@@ -34,7 +34,7 @@ from dar_jax.config import ConfigError, as_plain
 from dar_jax.train.checkpointing import TrainCheckpoints
 from dar_jax.train.metrics import MetricsWriter, mfu
 from dar_jax.train.optim import make_optimizer
-from dar_jax.train.run_config import run_sections
+from dar_jax.train.sections import run_sections
 
 log = logging.getLogger(__name__)
 

@@ -186,7 +186,8 @@ def test_config_variants_placeholders_and_typed_sections():
     import dataclasses
     from dar_jax.config import ConfigError, as_plain, load_config
     from dar_jax.train.optim import OptimConfig
-    from dar_jax.train.run_config import base_config, run_sections
+    from dar_jax.train.run_config import base_config
+    from dar_jax.train.sections import run_sections
     for kind in ("ar", "tokenizer"):
         for variant in ("tiny", "default"):
             assert (as_plain(load_config(str(REPO / "configs" / f"{variant}_{kind}.py")))
