@@ -614,8 +614,8 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
     from dar_jax import ar, parallel, pipeline
     from dar_jax import tokenizer as tok
     from dar_jax.ar import generation
-    from dar_jax import solvers as SO
-    from dar_jax.tokenizer import sequential as SQ
+    from dar_jax import solvers
+    from dar_jax.tokenizer import sequential
     from dar_jax.train.ar_task import gpt_train_flops_per_example
     from dar_jax.train.tokenizer_task import diffusion_flops
     mesh = parallel.make_mesh({"data": -1}, devices)
@@ -624,7 +624,7 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
         raise AOTError(f"--batch {batch} is not divisible by the {mesh.size} devices")
     pipeline.check_compatible(gpt_cfg, tok_cfg)
     num_steps = int(num_steps or tok_cfg.num_denoising_steps)
-    solver = SO.canonical(solver)
+    solver = solvers.canonical(solver)
     n_tok = gpt_cfg.block_size
     st = generation._StaticOptions(num_tokens=n_tok, cfg_active=cfg_scale > 1.0, top_k=0, use_top_p=False,
                    greedy=False, cfg_interval=-1, target=target)
@@ -632,7 +632,7 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
     sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     gpt_p = jax.tree.map(lambda a: sds(a.shape, a.dtype, rep), ar.abstract_params(gpt_cfg))
     tok_p = jax.tree.map(lambda a: sds(a.shape, a.dtype, rep), tok.abstract_params(tok_cfg))
-    h, w = SQ.resolution(tok_cfg)
+    h, w = sequential.resolution(tok_cfg)
     labels = sds((batch,), jnp.int32, rows)
     keys = sds((batch, 2), jnp.uint32, NamedSharding(mesh, P("data", None)))
 
@@ -650,7 +650,7 @@ def sample_program(gpt_cfg, tok_cfg, devices, batch: int, *, cfg_scale: float = 
         cond = model.decoder_layers_forward(tok.quantizer.lookup(tokens, model.codebook[...]),
                                             target=target)
         kv = model.diff.prepare_cond(cond, target)
-        return SQ._run(tok_params, kv, noise, SO.init_history(noise), jnp.int32(0),
+        return sequential._integrate(tok_params, kv, noise, solvers.init_history(noise), jnp.int32(0),
                        jnp.int32(num_steps), cfg=tok_cfg, solver=solver, num_steps=num_steps,
                        with_state=False, target=target)
 

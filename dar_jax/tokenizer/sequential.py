@@ -114,7 +114,8 @@ def _slice_window(kv, start, length):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "with_state", "target"))
-def _run(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state, target=None):
+def _integrate(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state, target=None):
+    """Solver steps ``start`` .. ``stop - 1`` of the decode from ``x`` (with the solver history)."""
     net = bind(cfg, params).diff
     times = jnp.asarray(time_points(num_steps, cfg.time_shift))
     wins = jnp.asarray(window_starts(cfg, num_steps))
@@ -167,7 +168,7 @@ def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop,
     num_steps = num_steps or cfg.num_denoising_steps
     solver = solvers.canonical(solver)
     _check_range(start, stop, num_steps)
-    return _run(params, kv, state.x, state.hist, jnp.int32(start), jnp.int32(stop), cfg=cfg,
+    return _integrate(params, kv, state.x, state.hist, jnp.int32(start), jnp.int32(stop), cfg=cfg,
                 solver=solver, num_steps=num_steps, with_state=True, target=target)
 
 
@@ -188,7 +189,7 @@ def postprocess(cfg: TokenizerConfig, images: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "target"))
 def _decode(params, cond, x, start, stop, *, cfg, solver, num_steps, target=None):
     kv = bind(cfg, params).diff.prepare_cond(cond, target)
-    return _run(params, kv, x, solvers.init_history(x), start, stop, cfg=cfg, solver=solver,
+    return _integrate(params, kv, x, solvers.init_history(x), start, stop, cfg=cfg, solver=solver,
                 num_steps=num_steps, with_state=False, target=target)
 
 
