@@ -844,7 +844,7 @@ def run(args, overrides) -> dict:
                                  cfg_scale=args.cfg_scale, solver=args.solver,
                                  num_steps=args.steps or None)
     report = analyse(program, topology, devices, save=args.save, hlo_path=args.hlo)
-    report["command"] = " ".join(["python -m dar_jax.aot"] + sys.argv[1:])
+    report["command"] = " ".join(["python -m dar_jax.aot"] + list(args.argv))
     print(format_table(report))
     if args.json:
         from dar_jax import io
@@ -854,6 +854,7 @@ def run(args, overrides) -> dict:
 
 def parse_args(argv):
     args, rest = build_parser().parse_known_args(argv)
+    args.argv = list(argv)   # the command line the report names
     overrides, bad = [], []
     for item in rest:
         (overrides if item.startswith("--config.") and "=" in item else bad).append(item)

@@ -124,7 +124,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: MaskKind = "non
         if name == "xla":
             return xla_attention(q, k, v, platform=target.platform, **kwargs)
         if target.sharded:  # kernels are opaque to the SPMD partitioner: run them per shard
-            return sharded_attention(q, k, v, target, implementation=name, **kwargs)
+            return sharded_attention(q, k, v, target, implementation=name, site=site, **kwargs)
         return IMPLEMENTATIONS[name][0](q, k, v, platform=target.platform, **kwargs)
 
 
@@ -159,10 +159,12 @@ def attention_specs(q, k, target: Target) -> tuple[P, P]:
 
 def sharded_attention(q, k, v, target: Target, *, mask: str = "none", prefix_len: int = 0,
                       kv_len=None, scale: float | None = None,
-                      implementation: str | None = "auto"):
+                      implementation: str | None = "auto", site: str | None = None):
     """``attention`` run per shard: q (B, Lq, H, D), k/v (B, Lk, Hkv, D), kv_len (B,).
 
-    The output is sharded like q. Works with Explicit and Auto mesh axes.
+    The output is sharded like q. Works with Explicit and Auto mesh axes. ``site`` names the
+    per-shard call too (so that every op of the kernel, also those the compiler hoists out of
+    the outer scope, carries the caller's site).
     """
     mesh = target.mesh
     q_spec, kv_spec = attention_specs(q, k, target)
@@ -170,7 +172,7 @@ def sharded_attention(q, k, v, target: Target, *, mask: str = "none", prefix_len
 
     def local(q, k, v, kv_len):
         return attention(q, k, v, mask=mask, prefix_len=prefix_len, kv_len=kv_len, scale=scale,
-                         implementation=implementation, target=local_target)
+                         implementation=implementation, target=local_target, site=site)
 
     args, specs = [q, k, v], [q_spec, kv_spec, kv_spec]
     if kv_len is not None:

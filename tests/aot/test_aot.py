@@ -106,8 +106,12 @@ def test_tiny_ar_train_step_for_v5e_8(tmp_path):
 
 @needs_libtpu
 def test_tiny_tokenizer_train_step_for_v5e_8(tmp_path):
+    # one block of each kind keeps every attention site (the TPU compiler takes ~20 s a block here)
     r = _compile(tmp_path, "tok", "--config", str(REPO / "configs" / "tiny_tokenizer.py"),
-                 "--config.mesh.data=1", "--config.mesh.fsdp=-1")
+                 "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.num_encoder_layers=1",
+                 "--config.model.num_decoder_layers=1", "--config.model.diff_decoder.depth=1")
+    assert r["command"].endswith("--config.model.diff_decoder.depth=1 --topology v5e-8 --json "
+                                 + str(tmp_path / "tok.json"))
     assert set(r["attention_kernels"]) == {"encoder.prefix_causal", "decoder_layers.causal",
                                            "decoder.self", "decoder.cross"}
     assert r["collectives"]["all-gather"] > 0 and r["collective_ratio"] > 0   # FSDP
