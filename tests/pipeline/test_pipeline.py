@@ -39,9 +39,9 @@ def test_stream_matches_sample_and_compiles_once(ref_models):
     events = list(pipeline.stream(ref_models, [0, 1, 2], keys, opts))
     assert [e.group for e in events] == list(range(1, ref_models.tok_cfg.num_query_groups + 1))
     assert [e.final for e in events] == [False] * (len(events) - 1) + [True]
-    sizes = (generation._advance_jit._cache_size(), sequential._run._cache_size())
+    sizes = (generation._advance_jit._cache_size(), sequential._integrate._cache_size())
     result = pipeline.sample(ref_models, [0, 1, 2], keys, opts, previews=True)
-    assert (generation._advance_jit._cache_size(), sequential._run._cache_size()) == sizes
+    assert (generation._advance_jit._cache_size(), sequential._integrate._cache_size()) == sizes
     np.testing.assert_array_equal(np.asarray(result.images), np.asarray(events[-1].images))
     np.testing.assert_array_equal(np.asarray(result.tokens), np.asarray(events[-1].tokens))
     assert result.previews.shape[1] == len(events)

@@ -123,8 +123,8 @@ def test_preview_groups_and_streaming_steps(tok_default):
         by_groups = T.decode(cfg, c.params, c.io["cond"], c.io["decode_noise"], preview_groups=g)
         assert abs_err(by_groups, want) < 1e-3
         if compiled is None:
-            compiled = SEQ._run._cache_size()
-        assert SEQ._run._cache_size() == compiled
+            compiled = SEQ._integrate._cache_size()
+        assert SEQ._integrate._cache_size() == compiled
         done = ready
     assert done == steps
 
