@@ -38,7 +38,7 @@ def python_loop_generate(cfg, params, labels, key, scale, n):
         logits, cache = model.decode(x, pos, cache)
         logits = logits[:, -1]
         mixed = logits[b:] + (logits[:b] - logits[b:]) * scale
-        tok = generation._pick(mixed, keys, pos, jnp.float32(1.0), jnp.float32(1.0), st)
+        tok = generation._sample_token(mixed, keys, pos, jnp.float32(1.0), jnp.float32(1.0), st)
         return tok, cache
 
     @jax.jit
