@@ -23,19 +23,21 @@ import common  # noqa: E402
 
 from dar_jax import ar  # noqa: E402
 from dar_jax.ar import generation  # noqa: E402
+from dar_jax.parallel import default_target  # noqa: E402
 
 
 def python_loop_generate(cfg, params, labels, key, scale, n):
     """Baseline: one jitted call per token (same math, Python drives the loop)."""
     b = labels.shape[0]
+    target = default_target()
     st = generation._StaticOptions(num_tokens=n, cfg_active=True, top_k=0, use_top_p=False, greedy=False,
-                            cfg_interval=-1)
+                                   cfg_interval=-1, target=target)
     keys = ar.sample_keys(key, b)
 
     @functools.partial(jax.jit, donate_argnums=(1,))
     def step(params, cache, x, pos):
         model = ar.bind(cfg, params)
-        logits, cache = model.decode(x, pos, cache)
+        logits, cache = model.decode(x, pos, cache, target)
         logits = logits[:, -1]
         mixed = logits[b:] + (logits[:b] - logits[b:]) * scale
         tok = generation._sample_token(mixed, keys, pos, jnp.float32(1.0), jnp.float32(1.0), st)
