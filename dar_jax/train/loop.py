@@ -137,7 +137,7 @@ class Task:
             new["extra"] = extra
         if ema_decay > 0:
             new["ema"] = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state["ema"], params)
-        return new, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def evaluate(self, state, step: int, writer: MetricsWriter, target) -> dict:
         """Optional periodic evaluation, on the trainer's ``target`` (every process takes part;
