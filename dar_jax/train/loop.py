@@ -347,9 +347,9 @@ class Trainer:
         """The loop from ``start`` to ``train.steps`` (or a stop request): -> (state, step,
         stopped, last logged metrics). Metrics are fetched one step late."""
         task, mesh = self.task, self.mesh
-        every = (self.sections.logging.every_steps, self.sections.checkpoint.every_steps,
-                 self.sections.train.eval_every_steps)
-        log_every, ckpt_every, eval_every = every
+        log_every = self.sections.logging.every_steps
+        ckpt_every = self.sections.checkpoint.every_steps
+        eval_every = self.sections.train.eval_every_steps
         meta = {"kind": task.family.kind if task.family else "",
                 "model_config": _dataclass_dict(task.model_cfg), "run_config": as_plain(self.cfg)}
         rate = _Throughput(task.flops_per_example() * self.global_batch,

@@ -54,25 +54,25 @@ def base_config(task: str = "ar") -> ml_collections.ConfigDict:
 
 
 def _model_class(task: str):
+    """The model config dataclass of ``task``."""
     if task == "ar":
         from dar_jax.ar import GPTConfig
         return GPTConfig
-    from dar_jax.tokenizer import TokenizerConfig
-    return TokenizerConfig
+    if task == "tokenizer":
+        from dar_jax.tokenizer import TokenizerConfig
+        return TokenizerConfig
+    from dar_jax.config import ConfigError
+    raise ConfigError(f"unknown task {task!r}; expected 'ar' or 'tokenizer'")
 
 
 def model_defaults(task: str) -> dict:
     """All fields of the task's model config with their defaults (so each can be overridden)."""
     from dar_jax.config import to_dict
+    fields = to_dict(_model_class(task)())
     if task == "ar":
-        from dar_jax.ar import GPTConfig
         # dim / n_layer / n_head come from ``size`` unless set (None = take the size's)
-        return {**to_dict(GPTConfig()), "size": "", "dim": None, "n_layer": None, "n_head": None}
-    if task == "tokenizer":
-        from dar_jax.tokenizer import TokenizerConfig
-        return to_dict(TokenizerConfig())
-    from dar_jax.config import ConfigError
-    raise ConfigError(f"unknown task {task!r}; expected 'ar' or 'tokenizer'")
+        fields.update(size="", dim=None, n_layer=None, n_head=None)
+    return fields
 
 
 def epochs_to_steps(epochs: float, num_examples: int, global_batch: int) -> int:
