@@ -6,7 +6,8 @@
 
 Baselines measured in the same run: a token-by-token Python loop over the same jitted decode step
 (what a straightforward port does), the bound of reading every weight once per token at the
-measured memory bandwidth, and (optionally) the PyTorch reference (GPT-B, batch 4, CFG 4).
+measured memory bandwidth, the bound of its matmul FLOPs at the measured matmul peak (both probes
+run by this script: common.probes), and (optionally) the PyTorch reference (GPT-B, batch 4, CFG 4).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def python_loop_generate(cfg, params, labels, key, scale, n):
     def embed_tokens(params, tok):
         return ar.bind(cfg, params).embed_tokens(jnp.concatenate([tok, tok]))[:, None]
 
-    cache = ar.bind(cfg, params).init_cache(2 * b)
+    cache = ar.bind(cfg, params).init_cache(2 * b, target=target)
     tok, cache = step(params, cache, embed_labels(params, labels), 0)
     out = [tok]
     for pos in range(1, n):
@@ -61,12 +62,23 @@ def python_loop_generate(cfg, params, labels, key, scale, n):
     return jnp.stack(out, 1)
 
 
+def matmul_params(cfg) -> int:
+    """Weights used in matmuls at every token step (all but the two embedding tables; the output
+    head included)."""
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ar.abstract_params(cfg)))
+    return total - cfg.vocab_size * cfg.dim - (cfg.num_classes + 1) * cfg.dim
+
+
 def weight_bytes(cfg, dtype_bytes: int) -> int:
     """Bytes of the weights read per token step (all matmul weights incl. the output head)."""
-    params = ar.abstract_params(cfg)
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    emb = cfg.vocab_size * cfg.dim + (cfg.num_classes + 1) * cfg.dim
-    return (total - emb) * dtype_bytes
+    return matmul_params(cfg) * dtype_bytes
+
+
+def generation_flops(cfg, rows: int, tokens: int) -> float:
+    """Analytic FLOPs of generating ``tokens`` tokens for ``rows`` rows (CFG rows included): the
+    matmuls (2 per weight per row and token) and attention against the cache (q.k and p.v)."""
+    attn = sum(4 * cfg.n_layer * cfg.dim * (t + 1) for t in range(tokens))
+    return rows * (2.0 * matmul_params(cfg) * tokens + attn)
 
 
 def main():
@@ -82,8 +94,8 @@ def main():
     args = ap.parse_args()
 
     print(f"machine: {common.machine()}")
-    bw = common.memory_bandwidth_gbs()
-    print(f"measured memory read bandwidth: {bw:.1f} GB/s")
+    probe = common.probes()
+    bw, peak = probe["bandwidth_gbs"], probe["matmul_gflops"]
     rows = []
     for name in args.models:
         for dtype in args.dtypes:
@@ -99,9 +111,10 @@ def main():
                            tokens_per_s=b * args.tokens / sec)
                 # weights are read in float32 on CPU whatever the compute dtype (see generation.py)
                 wb = weight_bytes(cfg, 4 if (dtype == "float32" or jax.default_backend() == "cpu") else 2)
-                bound = args.tokens * wb / (bw * 1e9)
-                row["weight_read_bound_s"] = bound
-                row["fraction_of_bound"] = bound / sec
+                rows_run = 2 * b if args.cfg_scale > 1.0 else b
+                row["weight_read_bound_s"] = args.tokens * wb / (bw * 1e9)
+                row["compute_bound_s"] = generation_flops(cfg, rows_run, args.tokens) / (peak * 1e9)
+                row["fraction_of_bound"] = max(row["weight_read_bound_s"], row["compute_bound_s"]) / sec
                 if not args.no_python_loop:
                     loop = lambda: python_loop_generate(cfg, params, labels, jax.random.key(0),
                                                         args.cfg_scale, args.tokens).block_until_ready()
@@ -111,7 +124,8 @@ def main():
                 print(row, flush=True)
     print()
     common.print_table(rows, ["model", "dtype", "batch", "seconds", "images_per_s", "tokens_per_s",
-                              "python_loop_s", "speedup_vs_loop", "weight_read_bound_s", "fraction_of_bound"])
+                              "python_loop_s", "speedup_vs_loop", "weight_read_bound_s", "compute_bound_s",
+                              "fraction_of_bound"])
     ref = common.time_reference(args, "gpt_sample", 4, "GPT-B")
     if ref is not None:
         ours = [r for r in rows if r["model"] == "GPT-B" and r["dtype"] == "float32" and r["batch"] == 4]

@@ -75,12 +75,40 @@ def timeit(fn, reps: int = 3) -> float:
     return timed(fn, reps)[0]
 
 
+def best_of(fn, reps: int = 5) -> float:
+    """Fastest of ``reps`` timed calls of ``fn()`` after one warm-up call (a physical probe: the
+    best call is the closest to the machine's limit)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def memory_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:
-    """Measured read bandwidth of the default device (sum over a large float32 array)."""
+    """Read bandwidth of the default device: a sum over a 1 GiB float32 buffer, best of 5."""
     x = jax.device_put(np.ones(num_bytes // 4, np.float32))
     f = jax.jit(lambda a: a.sum())
-    t = timeit(lambda: f(x).block_until_ready(), reps=5)
-    return num_bytes / t / 1e9
+    return num_bytes / best_of(lambda: f(x)) / 1e9
+
+
+def matmul_peak_gflops(n: int = 4096) -> float:
+    """Dense float32 matmul throughput of the default device: one n x n @ n x n, best of 5."""
+    a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n ** 3 / best_of(lambda: f(a)) / 1e9
+
+
+def probes() -> dict:
+    """The pinned physical probes, printed by every benchmark that reports a fraction of a bound
+    (XLA's CPU thread pool uses every core; the thread count is printed with them)."""
+    out = dict(threads=os.cpu_count(), bandwidth_gbs=memory_bandwidth_gbs(), matmul_gflops=matmul_peak_gflops())
+    print(f"probes ({out['threads']} threads): memory read bandwidth {out['bandwidth_gbs']:.1f} GB/s "
+          f"(1 GiB buffer, best of 5); float32 matmul peak {out['matmul_gflops']:.1f} GFLOP/s "
+          f"(4096^2, best of 5)", flush=True)
+    return out
 
 
 def peak_host_memory_gib() -> float:

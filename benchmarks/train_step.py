@@ -5,7 +5,8 @@
 
 With --reference-python/--reference-dir the PyTorch reference (GPT-B, batch 8) is timed in the
 same run and the ratio printed. FLOPs are counted analytically (matmuls incl. the output head
-and causal attention, x3 for the backward pass), not from XLA (which would count remat).
+and causal attention, x3 for the backward pass), not from XLA (which would count remat);
+``fraction_of_matmul_peak`` divides them by the float32 matmul peak probed in the same run.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def main():
     common.add_reference_args(ap)
     args = ap.parse_args()
     print(f"machine: {common.machine()}")
+    peak = common.probes()["matmul_gflops"]
     rows = []
     for model in args.models:
         for dtype in args.dtypes:
@@ -71,14 +73,14 @@ def main():
                 flops = gpt_train_flops_per_example(task.model_cfg) * b
                 row = dict(model=model, dtype=dtype, batch=b, seconds_per_step=sec, steps_per_s=1 / sec,
                            tokens_per_s=b * args.seq / sec, gflops_per_s=flops / sec / 1e9,
-                           step_tflop=flops / 1e12)
+                           step_tflop=flops / 1e12, fraction_of_matmul_peak=flops / sec / 1e9 / peak)
                 if args.peak_tflops:
                     row["mfu"] = mfu(flops / sec, args.peak_tflops * 1e12, jax.device_count())
                 rows.append(row)
                 print(row, flush=True)
     print()
     common.print_table(rows, ["model", "dtype", "batch", "seconds_per_step", "steps_per_s", "tokens_per_s",
-                              "step_tflop", "gflops_per_s", "mfu"])
+                              "step_tflop", "gflops_per_s", "fraction_of_matmul_peak", "mfu"])
     ref = common.time_reference(args, "gpt_train", 8, "GPT-B")
     ours = [r for r in rows if r["model"] == "GPT-B" and r["dtype"] == "float32" and r["batch"] == 8]
     if ref is not None and ours:

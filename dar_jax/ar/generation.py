@@ -152,7 +152,7 @@ def _prefill(cfg: GPTConfig, st: _StaticOptions, params, inp: _TracedInputs) -> 
     labels = inp.labels
     if st.cfg_active:
         labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)])
-    cache = model.init_cache(labels.shape[0])
+    cache = model.init_cache(labels.shape[0], target=st.target)
     logits, cache = model.decode(model.embed_labels(labels)[:, None], 0, cache, st.target)
     first = _next_token(cfg, st, inp, logits, jnp.int32(0))
     tokens = jnp.zeros((inp.labels.shape[0], st.num_tokens), jnp.int32).at[:, 0].set(first)

@@ -19,7 +19,7 @@ from dar_jax.nn.layers import DTYPES
 from dar_jax.config import ConfigError, sized_config
 from dar_jax.nn import layers
 from dar_jax.nn import remat as remat_policy
-from dar_jax.nn.attention import attention
+from dar_jax.nn.attention import attention, cache_layout
 from dar_jax.nn.functional import PureModule
 from dar_jax.nn.rope import apply_rope, rope_1d_table
 from dar_jax.parallel.target import Target, default_target
@@ -27,6 +27,7 @@ from dar_jax.parallel.target import Target, default_target
 # logical axes of activations (mapped to mesh axes by the same rules as the parameters)
 ACT = ("batch", "length", "embed")
 ACT_HEADS = ("batch", "length", "heads", "head_dim")
+CACHE_BHSD = ("batch", "heads", "length", "head_dim")   # a heads-major KV cache
 
 GPT_SIZES = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
@@ -128,13 +129,16 @@ class Attention(nnx.Module):
         x: (B, Lq, D); cache: (k, v) each (B, S, H, Dh); returns (B, Lq, D), new cache.
         """
         q, k, v = self.qkv(x, cos, sin, target)
+        layout = cache_layout(self.cfg.attention_impl, target.platform)
+        if layout == "bhsd":
+            k, v, at, axes = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), (0, 0, pos, 0), CACHE_BHSD
+        else:
+            at, axes = (0, pos, 0, 0), ACT_HEADS
         ck, cv = cache
-        ck = target.constrain(jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0)),
-                              ACT_HEADS)
-        cv = target.constrain(jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0)),
-                              ACT_HEADS)
+        ck = target.constrain(jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at), axes)
+        cv = target.constrain(jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at), axes)
         kv_len = jnp.full((x.shape[0],), pos + x.shape[1], jnp.int32)
-        y = attention(q, ck, cv, mask="decode", kv_len=kv_len,
+        y = attention(q, ck, cv, mask="decode", kv_len=kv_len, kv_layout=layout,
                       implementation=self.cfg.attention_impl, target=target, site="gpt.decode")
         return self.out(y, target), (ck, cv)
 
@@ -220,10 +224,15 @@ class GPT(nnx.Module):
         return self.head(x, target)
 
     # --- KV-cache decoding -----------------------------------------------------------------------
-    def init_cache(self, batch: int, dtype=None):
-        """Zeroed KV cache: per layer (k, v), each (B, 1 + block_size, H, Dh)."""
+    def init_cache(self, batch: int, dtype=None, target: Target | None = None):
+        """Zeroed KV cache: per layer (k, v), each (B, 1 + block_size, H, Dh), or (B, H, 1 +
+        block_size, Dh) where the target's decode attention reads it heads-major
+        (``nn.attention.cache_layout``)."""
         cfg = self.cfg
+        target = target or default_target()
         shape = (batch, cfg.block_size + 1, cfg.n_head, cfg.head_dim)
+        if cache_layout(cfg.attention_impl, target.platform) == "bhsd":
+            shape = (batch, cfg.n_head, cfg.block_size + 1, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
         return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer))
 

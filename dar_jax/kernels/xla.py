@@ -53,19 +53,21 @@ CPU_PER_HEAD_MIN_SCORES = 2 ** 16
 
 def xla_attention(q, k, v, *, mask: str = "none", prefix_len: int = 0,
                   kv_len: jax.Array | None = None, scale: float | None = None,
-                  platform: str | None = None) -> jax.Array:
-    """Plain-JAX attention: float32 logits and softmax, output in q.dtype. Shapes as attention().
+                  platform: str | None = None, kv_layout: str = "bshd") -> jax.Array:
+    """Plain-JAX attention: float32 logits and softmax, output in q.dtype. Shapes as attention()
+    (k, v (B, Lk, Hkv, D), or (B, Hkv, Lk, D) with ``kv_layout="bhsd"``: used in place).
 
     ``platform`` (default: the first device's) selects the CPU path for large score matrices."""
     b, lq, h, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    bshd = kv_layout == "bshd"
+    lk, hkv = (k.shape[1], k.shape[2]) if bshd else (k.shape[2], k.shape[1])
     g = h // hkv
     scale = d ** -0.5 if scale is None else scale
     if math.frexp(scale)[0] == 0.5:          # a power of two: folding it into q is exact
         q, scale = q * jnp.asarray(scale, q.dtype), None
     # (B, Hkv, G * Lq, D): the G query heads sharing a kv head form one matrix product
     qh = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    kh, vh = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if bshd else (k, v)
     m = mask_array(mask, lq, lk, prefix_len=prefix_len, kv_len=kv_len)
     if m is not None:
         m = jnp.broadcast_to(m[:, :, None], (m.shape[0], 1, g, lq, lk)).reshape(m.shape[0], 1, g * lq, lk)

@@ -302,6 +302,31 @@ def test_tpu_decode_reasons_and_auto_choice():
     assert (tpu, cpu) == ("pallas", "xla")
 
 
+def test_heads_major_cache_is_read_in_place_and_matches():
+    """A "bhsd" KV cache (what cache_layout gives the xla path) gives the same attention as the
+    "bshd" one, on the xla path and through a kernel (which gets it transposed), and the compiled
+    xla decode has no transpose of the cache."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 40, 2, 16)), jnp.float32)   # GQA: 2 kv heads
+    v = jnp.asarray(rng.standard_normal((2, 40, 2, 16)), jnp.float32)
+    kv_len = jnp.array([7, 40])
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    want = A.attention(q, k, v, mask="decode", kv_len=kv_len, implementation="xla")
+    for impl in ("xla", "pallas"):
+        got = A.attention(q, kh, vh, mask="decode", kv_len=kv_len, implementation=impl, kv_layout="bhsd")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5, err_msg=impl)
+    assert (A.cache_layout("auto", "cpu"), A.cache_layout("xla", "tpu"), A.cache_layout("auto", "tpu"),
+            A.cache_layout("auto", "gpu"), A.cache_layout("pallas", "cpu")) == ("bhsd", "bhsd", "bshd", "bshd", "bshd")
+    hlo = jax.jit(lambda q, k, v: A.attention(q, k, v, mask="decode", kv_len=kv_len, kv_layout="bhsd")
+                  ).lower(q, kh, vh).compile().as_text()
+    moved = [l for l in hlo.splitlines() if ("transpose" in l or "copy" in l)
+             and "f32[2,2,40,16]" in l.split("=", 1)[-1][:20]]
+    assert not moved, moved  # the bshd layout shows two such copies per call (k and v)
+    with pytest.raises(A.AttentionError, match="kv_layout"):
+        A.attention(q, k, v, kv_layout="hsbd")
+
+
 # ------------------------------------------------------------------ real lowerings, no device
 @pytest.fixture
 def verified_triton_modules(monkeypatch):
