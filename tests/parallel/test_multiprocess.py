@@ -72,7 +72,9 @@ def two_process_runs(tmp_path_factory, inception_dir):
         {"workdir": str(root / "dft"), "mesh": {"data": 2, "fsdp": 2, "tensor": 2}, "model": GPT},
         {"task": "tokenizer", "workdir": str(root / "tok"), "mesh": {"data": 1, "fsdp": 8},
          "steps": 2, "batch": 8, "ema": 0.0, "eval_every": 2,
-         "overrides": ["eval.num_images=4", "eval.steps=2"]},
+         # one block of each kind: the sharding and the gathers are those of any depth
+         "overrides": ["eval.num_images=4", "eval.steps=2", "model.num_encoder_layers=1",
+                       "model.num_decoder_layers=1", "model.diff_decoder.depth=1"]},
     ]
     common = dict(fake_devices=4, num_processes=2, steps=3, batch=16, ckpt_every=3,
                   report_shards=True, report_export=True, runs=runs)

@@ -95,8 +95,14 @@ def test_tiny_tokenizer_learns_on_synthetic_shapes(tmp_path):
     assert os.path.isdir(tmp_path / "w" / "model")
 
 
+# A one-block tokenizer (every kind of layer once) for the tests of the trainer's mechanics, which
+# do not need the tiny recipe's depth: half the compilation.
+ONE_BLOCK = ["model.num_encoder_layers=1", "model.num_decoder_layers=1", "model.diff_decoder.depth=1"]
+
+
 def test_kill_and_resume_bit_exact_with_ema_and_gan(tmp_path):
-    spec = dict(task="tokenizer", steps=6, batch=4, ckpt_every=2, gan=2, report_shards=True)
+    spec = dict(task="tokenizer", steps=6, batch=4, ckpt_every=2, gan=2, report_shards=True,
+                overrides=ONE_BLOCK)
     straight, _ = run_worker({**spec, "workdir": str(tmp_path / "a")})
     _, res = run_worker({**spec, "workdir": str(tmp_path / "b"), "kill_at": 5}, check=False)
     assert res.returncode == -signal.SIGKILL
@@ -108,7 +114,8 @@ def test_kill_and_resume_bit_exact_with_ema_and_gan(tmp_path):
 def test_tokenizer_fsdp_on_8_devices_matches_one(tmp_path):
     runs = [{"workdir": str(tmp_path / "one"), "devices": 1, "mesh": {"data": 1}},
             {"workdir": str(tmp_path / "fsdp"), "mesh": {"data": 1, "fsdp": 8}, "report_shards": True}]
-    out, _ = run_worker(dict(task="tokenizer", fake_devices=8, steps=3, batch=8, ckpt_every=3, runs=runs))
+    out, _ = run_worker(dict(task="tokenizer", fake_devices=8, steps=3, batch=8, ckpt_every=3, runs=runs,
+                             overrides=ONE_BLOCK))
     np.testing.assert_allclose(out[1]["losses"], out[0]["losses"], rtol=1e-3)
     assert any(abs(f - 1 / 8) < 1e-9 for f in out[1]["shards"].values())
 
