@@ -57,8 +57,9 @@ def time_reference(args, job: str, batch: int, model: str | None = None, timeout
     return float(json.loads(lines[-1])["seconds"])
 
 
-def timed(fn, reps: int = 3) -> tuple[float, float]:
-    """(median seconds, first-call seconds incl. compilation) of ``fn()``, blocked on its result."""
+def _call_times(fn, reps: int) -> tuple[float, list[float]]:
+    """(seconds of a first call, seconds of each of ``reps`` further calls) of ``fn()``, each
+    blocked on its result."""
     t = time.perf_counter()
     jax.block_until_ready(fn())
     first = time.perf_counter() - t
@@ -67,6 +68,12 @@ def timed(fn, reps: int = 3) -> tuple[float, float]:
         t = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
+    return first, times
+
+
+def timed(fn, reps: int = 3) -> tuple[float, float]:
+    """(median seconds, first-call seconds incl. compilation) of ``fn()``, blocked on its result."""
+    first, times = _call_times(fn, reps)
     return statistics.median(times), first
 
 
@@ -78,13 +85,7 @@ def timeit(fn, reps: int = 3) -> float:
 def best_of(fn, reps: int = 5) -> float:
     """Fastest of ``reps`` timed calls of ``fn()`` after one warm-up call (a physical probe: the
     best call is the closest to the machine's limit)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(_call_times(fn, reps)[1])
 
 
 def memory_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:

@@ -126,7 +126,8 @@ class Attention(nnx.Module):
     def decode(self, x, cos, sin, cache, pos, target: Target):
         """Attention of Lq new positions [pos, pos+Lq) against the cache.
 
-        x: (B, Lq, D); cache: (k, v) each (B, S, H, Dh); returns (B, Lq, D), new cache.
+        x: (B, Lq, D); cache: (k, v) each (B, S, H, Dh), or (B, H, S, Dh) where
+        ``cache_layout`` says "bhsd" (see ``GPT.init_cache``); returns (B, Lq, D), new cache.
         """
         q, k, v = self.qkv(x, cos, sin, target)
         layout = cache_layout(self.cfg.attention_impl, target.platform)

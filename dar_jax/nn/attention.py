@@ -130,8 +130,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: MaskKind = "non
 
     q: (B, Lq, H, D); k, v: (B, Lk, Hkv, D) with H a multiple of Hkv (``kv_layout="bhsd"``:
     (B, Hkv, Lk, D)); kv_len: (B,) int for ``mask="decode"``. Returns (B, Lq, H, D) in q.dtype.
-    The kernels read "bshd" (a "bhsd" k/v is transposed for them; see :func:`cache_layout`). ``target``: platform, mesh and rules
-    of the program (default: the first device, unsharded); under a sharded target kernels run
+    The kernels read "bshd" (a "bhsd" k/v is transposed for them; see :func:`cache_layout`).
+    ``target``: platform, mesh and rules of the program (default: the first device, unsharded); under a sharded target kernels run
     per shard (``shard_map``, specs from the target's rules). ``site`` names the call in the
     compiled program (default: the mask kind).
     """
