@@ -50,10 +50,11 @@ def mib(compiled) -> float:
             - m.alias_size_in_bytes) / 2 ** 20
 
 
-def decode_memory(cfg, params, codes, noise, solver, steps):
+def decode_memory(cfg, params, codes, noise, solver, steps, batch_chunk=None):
     cond = T.codes_to_cond(cfg, params, codes)
     c = SEQ._decode.lower(params, cond, noise, jnp.int32(0), jnp.int32(steps), cfg=cfg,
-                          solver=solver, num_steps=steps).compile()
+                          solver=solver, num_steps=steps,
+                          chunk=SEQ._batch_chunk(None, codes.shape[0], batch_chunk)).compile()
     return mib(c)
 
 
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="decode steps (default: the config's)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per row (default 3; quick 2)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the solver accuracy section")
+    ap.add_argument("--batch-chunks", default="auto",
+                    help="comma list of decode batch_chunk values to time (auto: the platform's default, "
+                         "0: the whole batch at once)")
     common.add_reference_args(ap)
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
@@ -104,8 +108,9 @@ def main(argv=None) -> int:
     # --- encode / decode (adams2) per dtype and batch --------------------------------------------
     widths = (9, 5, 11, 9, 11, 9, 11, 9, 11)
     print("\n## encode / decode (adams2) throughput")
+    chunks = [None if c == "auto" else int(c) for c in a.batch_chunks.split(",")]
     print(row(("dtype", "batch", "enc s/call", "enc im/s", "enc MiB", "dec s/call", "dec im/s",
-               "dec MiB", "dec compile"), widths))
+               "dec MiB", "dec compile"), widths) + "  batch_chunk")
     key = jax.random.key(0)
     for dtype in dtypes:
         cfg = dataclasses.replace(base, dtype=dtype)
@@ -115,16 +120,17 @@ def main(argv=None) -> int:
             codes = jax.random.randint(k2, (b, n_tok), 0, cfg.vq_codebook_size)
             noise = jax.random.normal(k3, (b, size, size, 3))
             enc_s, _ = common.timed(lambda: T.encode(cfg, params, images), reps)
-            dec_s, dec_first = common.timed(lambda: T.decode(cfg, params, codes, noise, solver="adams2",
-                                                      num_steps=steps), reps)
-            r = dict(kind="throughput", dtype=dtype, batch=b, encode_s=enc_s, decode_s=dec_s,
-                     encode_mib=encode_memory(cfg, params, images),
-                     decode_mib=decode_memory(cfg, params, codes, noise, "adams2", steps),
-                     decode_first_s=dec_first)
-            results["rows"].append(r)
-            print(row((dtype, b, g(enc_s), g(b / enc_s), f"{r['encode_mib']:.0f}", g(dec_s),
-                       g(b / dec_s), f"{r['decode_mib']:.0f}", f"{dec_first - dec_s:.1f}"), widths),
-                  flush=True)
+            for chunk in chunks:
+                dec_s, dec_first = common.timed(lambda: T.decode(cfg, params, codes, noise, solver="adams2",
+                                                          num_steps=steps, batch_chunk=chunk), reps)
+                r = dict(kind="throughput", dtype=dtype, batch=b, encode_s=enc_s, decode_s=dec_s,
+                         encode_mib=encode_memory(cfg, params, images),
+                         decode_mib=decode_memory(cfg, params, codes, noise, "adams2", steps, chunk),
+                         decode_first_s=dec_first, batch_chunk="auto" if chunk is None else chunk)
+                results["rows"].append(r)
+                print(row((dtype, b, g(enc_s), g(b / enc_s), f"{r['encode_mib']:.0f}", g(dec_s),
+                           g(b / dec_s), f"{r['decode_mib']:.0f}", f"{dec_first - dec_s:.1f}"), widths)
+                      + f"  {r['batch_chunk']}", flush=True)
 
     # --- solvers --------------------------------------------------------------------------------
     b = a.solver_batch

@@ -583,9 +583,8 @@ def train_program(cfg, devices, tokenizer_config: str | None = None) -> Program:
     consts = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), task.consts())
     state, state_sh = trainer.abstract_state()
     lowered = trainer.lower_train_step(task.abstract_batch(gb), consts, state)
-    remat = getattr(task.model_cfg, "remat_policy", None) or getattr(task.model_cfg, "remat", None)
     return Program("train", lowered, gb, task.flops_per_example() * gb,
-                   fsdp_min_bytes=_fsdp_min_bytes(state["params"]), remat=remat, notes=notes)
+                   fsdp_min_bytes=_fsdp_min_bytes(state["params"]), remat=task.remat_policy, notes=notes)
 
 
 def _fsdp_min_bytes(params) -> float:

@@ -60,6 +60,11 @@ class GPTConfig:
     attention_impl: str = "auto"      # see dar_jax.nn.attention
     remat: str = "none"               # training remat policy: none | full | dots | names (nn.remat)
 
+    @property
+    def remat_policy(self) -> str:
+        """The remat policy training uses (``remat``; as ``TokenizerConfig.remat_policy``)."""
+        return self.remat
+
     def __post_init__(self):
         try:
             object.__setattr__(self, "remat", remat_policy.canonical(self.remat))

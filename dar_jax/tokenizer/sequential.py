@@ -24,6 +24,7 @@ import numpy as np
 
 from dar_jax.errors import DarError
 from dar_jax.nn.resize import resize_bicubic
+from dar_jax.parallel.target import default_target
 from dar_jax import solvers
 from dar_jax.tokenizer.config import TokenizerConfig
 from dar_jax.tokenizer.core import codes_to_cond, encode
@@ -113,9 +114,59 @@ def _slice_window(kv, start, length):
                   jax.lax.dynamic_slice_in_dim(v, start, length, axis=1)) for k, v in kv)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "with_state", "target"))
-def _integrate(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state, target=None):
-    """Solver steps ``start`` .. ``stop - 1`` of the decode from ``x`` (with the solver history)."""
+# On a single CPU device the decode runs this many images at a time (a lax.map over chunks of the
+# batch inside the compiled program): each chunk's activations stay in cache, so the time per
+# image does not grow with the batch. Accelerators and sharded programs decode the whole batch.
+CPU_DECODE_ROWS = 1
+
+
+def _batch_chunk(target, batch: int, rows: int | None = None) -> int:
+    """Images decoded at a time for ``batch`` on ``target``: ``rows`` (None: the platform's
+    default; 0: the whole batch), rounded down to a divisor of the batch."""
+    target = target or default_target()
+    if rows is None:
+        rows = CPU_DECODE_ROWS if target.platform == "cpu" and not target.sharded else 0
+    if rows < 0:
+        raise DecodeError(f"batch_chunk must be >= 0 (0: the whole batch), got {rows}")
+    if rows == 0 or rows >= batch:
+        return batch
+    return max(r for r in range(1, rows + 1) if batch % r == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "with_state", "chunk", "target"))
+def _integrate(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state, chunk=0,
+               target=None):
+    """Solver steps ``start`` .. ``stop - 1`` of the decode from ``x`` (with the solver history),
+    ``chunk`` images at a time (0: the whole batch at once)."""
+    batch = x.shape[0]
+    if not chunk or chunk >= batch:
+        return _integrate_rows(params, kv, x, hist, start, stop, cfg=cfg, solver=solver,
+                               num_steps=num_steps, with_state=with_state, target=target)
+    n = batch // chunk
+    split = lambda a: a.reshape(n, chunk, *a.shape[1:])  # noqa: E731
+    merge = lambda a: a.reshape(batch, *a.shape[2:])  # noqa: E731
+
+    def rows(args):
+        kv_c, x_c, prev_c = args
+        out = _integrate_rows(params, kv_c, x_c, hist._replace(prev=prev_c), start, stop, cfg=cfg,
+                              solver=solver, num_steps=num_steps, with_state=with_state, target=target)
+        if with_state:
+            state, preview = out
+            return (state.x, state.hist.prev, preview), (state.hist.prev_t, state.hist.has_prev)
+        return (out,), ()
+
+    batched, scalars = jax.lax.map(rows, jax.tree.map(split, (kv, x, hist.prev)))
+    batched = tuple(merge(a) for a in batched)
+    if not with_state:
+        return batched[0]
+    x, prev, preview = batched
+    # the history's times are the same for every chunk: the first chunk's
+    prev_t, has_prev = (a[0] for a in scalars)
+    return DecodeState(x, solvers.History(prev, prev_t, has_prev)), preview
+
+
+def _integrate_rows(params, kv, x, hist, start, stop, *, cfg, solver, num_steps, with_state, target):
+    """:func:`_integrate` of the whole batch at once (traced inside it)."""
     net = bind(cfg, params).diff
     times = jnp.asarray(time_points(num_steps, cfg.time_shift))
     wins = jnp.asarray(window_starts(cfg, num_steps))
@@ -155,7 +206,8 @@ def _check_range(start, stop, num_steps):
 
 
 def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop, *,
-              solver: str = "adams2", num_steps: int | None = None, target=None):
+              solver: str = "adams2", num_steps: int | None = None, batch_chunk: int | None = None,
+              target=None):
     """Runs steps [start, stop) from ``state`` (at time point ``start``).
 
     kv: :func:`cross_kv` of the condition (only the windows of these steps must be final).
@@ -163,13 +215,15 @@ def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop,
     the reference's ``clip_steps=stop`` image, i.e. step stop-1 jumping to t = 1 (for
     ``stop == num_steps`` it is the final image), resized to ``output_resolution`` if set.
     ``start``/``stop`` may be Python or traced ints: one compiled program serves every range.
-    ``target``: the ``dar_jax.parallel.Target`` of the program (default: the first device).
+    ``target``: the ``dar_jax.parallel.Target`` of the program (default: the first device);
+    ``batch_chunk``: images integrated at a time (0: all; None: the platform's, CPU_DECODE_ROWS).
     """
     num_steps = num_steps or cfg.num_denoising_steps
     solver = solvers.canonical(solver)
     _check_range(start, stop, num_steps)
+    chunk = _batch_chunk(target, state.x.shape[0], batch_chunk)
     return _integrate(params, kv, state.x, state.hist, jnp.int32(start), jnp.int32(stop), cfg=cfg,
-                solver=solver, num_steps=num_steps, with_state=True, target=target)
+                      solver=solver, num_steps=num_steps, with_state=True, chunk=chunk, target=target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,11 +240,11 @@ def postprocess(cfg: TokenizerConfig, images: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 # the public decode
 # ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "target"))
-def _decode(params, cond, x, start, stop, *, cfg, solver, num_steps, target=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "solver", "num_steps", "chunk", "target"))
+def _decode(params, cond, x, start, stop, *, cfg, solver, num_steps, chunk=0, target=None):
     kv = bind(cfg, params).diff.prepare_cond(cond, target)
     return _integrate(params, kv, x, solvers.init_history(x), start, stop, cfg=cfg, solver=solver,
-                num_steps=num_steps, with_state=False, target=target)
+                      num_steps=num_steps, with_state=False, chunk=chunk, target=target)
 
 
 def resolution(cfg: TokenizerConfig, size: int | Sequence[int] | None = None) -> tuple[int, int]:
@@ -222,7 +276,7 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
            preview_steps: int | None = None, preview_groups: int | None = None,
            start_step: int | None = None, start_image: jax.Array | None = None,
            size: int | Sequence[int] | None = None, check: bool = True,
-           target=None) -> jax.Array:
+           batch_chunk: int | None = None, target=None) -> jax.Array:
     """Codes (B, N) int or cond (B, N, D) float -> images (B, H, W, 3) in data space ([-1, 1]).
 
     noise_or_key: initial noise x0 (B, H, W, 3), or a PRNG key (noise drawn at
@@ -231,7 +285,8 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
     uses the window of its own time). preview_steps=k: keep the first k time points, then jump to
     t = 1 (the reference's ``clip_steps``); preview_groups=g: the preview after the first g
     token groups (the steps whose windows they cover). start_step=j with start_image: partial
-    decode from x = x0 (1 - t_j) + start_image std t_j.
+    decode from x = x0 (1 - t_j) + start_image std t_j. batch_chunk: images integrated at a
+    time inside the compiled decode (0: all; None: the platform's default, CPU_DECODE_ROWS).
     """
     num_steps = int(num_steps or cfg.num_denoising_steps)
     if num_steps < 1:
@@ -281,7 +336,8 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
     _check_range(start, stop, num_steps)
     state = init_state(cfg, noise, num_steps=num_steps, start_step=start, start_image=start_image)
     return _decode(params, cond, state.x, jnp.int32(start), jnp.int32(stop), cfg=cfg,
-                   solver=solver, num_steps=num_steps, target=target)
+                   solver=solver, num_steps=num_steps, chunk=_batch_chunk(target, batch, batch_chunk),
+                   target=target)
 
 
 def reconstruct(cfg: TokenizerConfig, params, images, noise_or_key, *, solver: str = "adams2",

@@ -31,6 +31,7 @@ from dar_jax.errors import DarError
 from dar_jax import parallel
 from dar_jax.checkpoint import store
 from dar_jax.config import ConfigError, as_plain
+from dar_jax.nn import remat
 from dar_jax.train.checkpointing import TrainCheckpoints
 from dar_jax.train.metrics import MetricsWriter, mfu
 from dar_jax.train.optim import make_optimizer
@@ -119,6 +120,11 @@ class Task:
 
     def tokens_per_example(self) -> int:
         return 1
+
+    @property
+    def remat_policy(self) -> str:
+        """The model's training remat policy (``dar_jax.nn.remat``)."""
+        return self.model_cfg.remat_policy
 
     def train_step(self, state, batch, consts, *, tx, ema_decay: float, target):
         """The one update of every task: this step's key, gradients of :meth:`loss`, the
@@ -229,6 +235,11 @@ class Trainer:
             sh["ema"] = p_sh
         return sh
 
+    def fresh_state(self, seed: int = 0):
+        """The train state of step 0 from ``seed``, laid out with the state's shardings."""
+        return jax.jit(self._init_state, out_shardings=self._state_shardings(
+            jax.eval_shape(self._init_state, jax.random.key(seed))))(jax.random.key(seed))
+
     def abstract_state(self, seed: int = 0):
         """(abstract state with shardings, state shardings): the step's first argument."""
         abstract = jax.eval_shape(self._init_state, jax.random.key(seed))
@@ -254,8 +265,9 @@ class Trainer:
         step_fn = _with_finite_flag(functools.partial(
             self.task.train_step, tx=self.tx, ema_decay=self.ema_decay, target=self.target))
         return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
-                       out_shardings=(state_sh, parallel.replicated(mesh)),
-                       donate_argnums=(0,)).lower(state, batch, consts)
+                       out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,),
+                       compiler_options=remat.compiler_options(self.task.remat_policy, self.target.platform)
+                       ).lower(state, batch, consts)
 
     # --- signals -----------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -321,10 +333,10 @@ class Trainer:
         """(start step, train state, abstract state): the latest checkpoint (the data iterator
         set to its state) or a fresh state from ``train.seed``."""
         seed = self.sections.train.seed
-        abstract, state_sh = self.abstract_state(seed)
+        abstract, _ = self.abstract_state(seed)
         restored = ckpts.restore(abstract, data_template=data.get_state())
         if restored is None:
-            return 0, jax.jit(self._init_state, out_shardings=state_sh)(jax.random.key(seed)), abstract
+            return 0, self.fresh_state(seed), abstract
         start, state, saved_data, _ = restored
         if saved_data:
             data.set_state(saved_data)

@@ -167,6 +167,30 @@ def test_decode_is_batch_parallel_and_keyed(tok_default):
     assert T.resolution(cfg, 1) == (r, r)
 
 
+def test_decode_in_batch_chunks_matches_the_whole_batch(tok_default):
+    """batch_chunk=k integrates k images at a time inside the compiled decode (a lax.map over
+    chunks; the CPU default keeps each chunk's activations in cache): the same images as the
+    whole batch at once, for decode and for the streaming run_steps."""
+    c = tok_default
+    cfg = c.cfg
+    codes = jnp.concatenate([c.io["codes"]] * 3)                   # 6 images
+    noise = jax.random.normal(jax.random.key(4), (6, cfg.sampling_resolution, cfg.sampling_resolution, 3))
+    whole = np.asarray(T.decode(cfg, c.params, codes, noise, batch_chunk=0))
+    for chunk in (1, 2, 4):      # 4 is rounded down to 3, a divisor of 6
+        got = T.decode(cfg, c.params, codes, noise, batch_chunk=chunk)
+        np.testing.assert_allclose(np.asarray(got), whole, atol=1e-5)
+    assert T.sequential._batch_chunk(None, 6, 4) == 3 and T.sequential._batch_chunk(None, 6, 0) == 6
+    kv = T.cross_kv(cfg, c.params, T.codes_to_cond(cfg, c.params, codes))
+    state = T.init_state(cfg, noise)
+    (s0, p0), (s2, p2) = (T.run_steps(cfg, c.params, kv, state, 0, 2, batch_chunk=k) for k in (0, 2))
+    np.testing.assert_allclose(np.asarray(s2.x), np.asarray(s0.x), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(s2.hist.prev), np.asarray(s0.hist.prev), atol=1e-5)
+    assert float(s2.hist.prev_t) == float(s0.hist.prev_t) and bool(s2.hist.has_prev) == bool(s0.hist.has_prev)
+    np.testing.assert_allclose(np.asarray(p2), np.asarray(p0), atol=1e-5)
+    with pytest.raises(T.DecodeError, match="batch_chunk must be >= 0"):
+        T.decode(cfg, c.params, codes, noise, batch_chunk=-1)
+
+
 # torch F.interpolate(x, size=(4, 4), mode="bicubic", align_corners=False) of
 # x = arange(84).reshape(1, 2, 7, 6) ** 1.5 / 50 (computed with the reference's torch)
 _TORCH_BICUBIC = [
