@@ -117,7 +117,7 @@ def _slice_window(kv, start, length):
 # On a single CPU device the decode runs this many images at a time (a lax.map over chunks of the
 # batch inside the compiled program): each chunk's activations stay in cache, so the time per
 # image does not grow with the batch. Accelerators and sharded programs decode the whole batch.
-CPU_DECODE_ROWS = 1
+CPU_DECODE_ROWS = 0   # 0: off until measured (#18 item 3)
 
 
 def _batch_chunk(target, batch: int, rows: int | None = None) -> int:
