@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from dar_jax import solvers, tokenizer as T  # noqa: E402
-from dar_jax.tokenizer import sequential as SEQ  # noqa: E402
+from dar_jax.tokenizer import core as TOK_CORE, sequential as SEQ  # noqa: E402
 
 REFERENCE_IDLE = {"decode": 55.2, "encode": 3.30}     # shared/bench/README.md, idle machine
 
@@ -54,12 +54,12 @@ def decode_memory(cfg, params, codes, noise, solver, steps, batch_chunk=None):
     cond = T.codes_to_cond(cfg, params, codes)
     c = SEQ._decode.lower(params, cond, noise, jnp.int32(0), jnp.int32(steps), cfg=cfg,
                           solver=solver, num_steps=steps,
-                          chunk=SEQ._batch_chunk(None, codes.shape[0], batch_chunk)).compile()
+                          chunk=SEQ._batch_chunk(None, cfg, noise.shape, batch_chunk)).compile()
     return mib(c)
 
 
 def encode_memory(cfg, params, images):
-    return mib(T._encode.lower(cfg, params, images).compile())
+    return mib(TOK_CORE._encode.lower(cfg, params, images).compile())
 
 
 def g(x: float) -> str:
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     size = base.sampling_resolution
     batches = [int(b) for b in (a.batches or ("1,2" if a.quick else "1,2,8")).split(",")]
     dtypes = a.dtypes.split(",")
-    solvers = [solvers.canonical(s) for s in a.solvers.split(",")]
+    solver_names = [solvers.canonical(s) for s in a.solvers.split(",")]
     reps = a.reps or (2 if a.quick else 3)
     steps = a.steps or base.num_denoising_steps
     n_tok = base.num_all_queries
@@ -120,11 +120,12 @@ def main(argv=None) -> int:
             codes = jax.random.randint(k2, (b, n_tok), 0, cfg.vq_codebook_size)
             noise = jax.random.normal(k3, (b, size, size, 3))
             enc_s, _ = common.timed(lambda: T.encode(cfg, params, images), reps)
+            enc_mib = encode_memory(cfg, params, images)
             for chunk in chunks:
                 dec_s, dec_first = common.timed(lambda: T.decode(cfg, params, codes, noise, solver="adams2",
                                                           num_steps=steps, batch_chunk=chunk), reps)
                 r = dict(kind="throughput", dtype=dtype, batch=b, encode_s=enc_s, decode_s=dec_s,
-                         encode_mib=encode_memory(cfg, params, images),
+                         encode_mib=enc_mib,
                          decode_mib=decode_memory(cfg, params, codes, noise, "adams2", steps, chunk),
                          decode_first_s=dec_first, batch_chunk="auto" if chunk is None else chunk)
                 results["rows"].append(r)
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     noise = jax.random.normal(k3, (b, size, size, 3))
     for dtype in dtypes:
         cfg = dataclasses.replace(base, dtype=dtype)
-        for s in solvers:
+        for s in solver_names:
             evals = steps * solvers.EVALS_PER_STEP[s]
             sec, _ = common.timed(lambda: T.decode(cfg, params, codes, noise, solver=s, num_steps=steps), reps)
             results["rows"].append(dict(kind="solver", dtype=dtype, batch=b, solver=s, evals=evals, decode_s=sec))
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         print("\n## distance to a 64-step Heun decode (RMS, images in [-1, 1]; batch 1, float32)")
         budgets = (8, 16)
         print(row(("solver",) + tuple(f"{e} evals" for e in budgets), (9, 10, 10)))
-        for s in solvers:
+        for s in solver_names:
             dists = []
             for e in budgets:
                 n = max(1, e // solvers.EVALS_PER_STEP[s])

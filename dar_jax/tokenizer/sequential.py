@@ -114,18 +114,27 @@ def _slice_window(kv, start, length):
                   jax.lax.dynamic_slice_in_dim(v, start, length, axis=1)) for k, v in kv)
 
 
-# On a single CPU device the decode runs this many images at a time (a lax.map over chunks of the
-# batch inside the compiled program): each chunk's activations stay in cache, so the time per
-# image does not grow with the batch. Accelerators and sharded programs decode the whole batch.
-CPU_DECODE_ROWS = 0   # 0: off until measured (#18 item 3)
+# On a single CPU device the decode integrates the batch in chunks (a lax.map over chunks of
+# images inside the compiled program) so that one chunk's decoder activations, about
+# tokens x decoder dim x 4 bytes per image, stay within this many bytes and in cache (#18 item
+# 3: tokenizer v1 at 256 px, 3 MiB per image, decodes 8 images 10% faster per image one at a
+# time than all at once; the tiny configs' 32 KiB images keep their whole batch).
+# Accelerators and sharded programs always decode the whole batch by default.
+CPU_DECODE_CHUNK_BYTES = 4 << 20
 
 
-def _batch_chunk(target, batch: int, rows: int | None = None) -> int:
-    """Images decoded at a time for ``batch`` on ``target``: ``rows`` (None: the platform's
-    default; 0: the whole batch), rounded down to a divisor of the batch."""
+def _batch_chunk(target, cfg: TokenizerConfig, x_shape, rows: int | None = None) -> int:
+    """Images decoded at a time for a batch of images of shape ``x_shape`` (B, H, W, C) on
+    ``target``: ``rows`` (None: the platform's default; 0: the whole batch), rounded down to a
+    divisor of the batch."""
     target = target or default_target()
+    batch = x_shape[0]
     if rows is None:
-        rows = CPU_DECODE_ROWS if target.platform == "cpu" and not target.sharded else 0
+        rows = 0
+        if target.platform == "cpu" and not target.sharded:
+            p = cfg.diff_decoder.patch_size
+            per_image = (x_shape[1] // p) * (x_shape[2] // p) * cfg.diff_decoder.dim * 4
+            rows = max(1, CPU_DECODE_CHUNK_BYTES // per_image)
     if rows < 0:
         raise DecodeError(f"batch_chunk must be >= 0 (0: the whole batch), got {rows}")
     if rows == 0 or rows >= batch:
@@ -216,12 +225,13 @@ def run_steps(cfg: TokenizerConfig, params, kv, state: DecodeState, start, stop,
     ``stop == num_steps`` it is the final image), resized to ``output_resolution`` if set.
     ``start``/``stop`` may be Python or traced ints: one compiled program serves every range.
     ``target``: the ``dar_jax.parallel.Target`` of the program (default: the first device);
-    ``batch_chunk``: images integrated at a time (0: all; None: the platform's, CPU_DECODE_ROWS).
+    ``batch_chunk``: images integrated at a time (0: all; None: the platform's, see
+    CPU_DECODE_CHUNK_BYTES).
     """
     num_steps = num_steps or cfg.num_denoising_steps
     solver = solvers.canonical(solver)
     _check_range(start, stop, num_steps)
-    chunk = _batch_chunk(target, state.x.shape[0], batch_chunk)
+    chunk = _batch_chunk(target, cfg, state.x.shape, batch_chunk)
     return _integrate(params, kv, state.x, state.hist, jnp.int32(start), jnp.int32(stop), cfg=cfg,
                       solver=solver, num_steps=num_steps, with_state=True, chunk=chunk, target=target)
 
@@ -286,7 +296,8 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
     t = 1 (the reference's ``clip_steps``); preview_groups=g: the preview after the first g
     token groups (the steps whose windows they cover). start_step=j with start_image: partial
     decode from x = x0 (1 - t_j) + start_image std t_j. batch_chunk: images integrated at a
-    time inside the compiled decode (0: all; None: the platform's default, CPU_DECODE_ROWS).
+    time inside the compiled decode (0: all; None: the platform's default, see
+    CPU_DECODE_CHUNK_BYTES).
     """
     num_steps = int(num_steps or cfg.num_denoising_steps)
     if num_steps < 1:
@@ -336,7 +347,8 @@ def decode(cfg: TokenizerConfig, params, codes_or_cond: jax.Array, noise_or_key:
     _check_range(start, stop, num_steps)
     state = init_state(cfg, noise, num_steps=num_steps, start_step=start, start_image=start_image)
     return _decode(params, cond, state.x, jnp.int32(start), jnp.int32(stop), cfg=cfg,
-                   solver=solver, num_steps=num_steps, chunk=_batch_chunk(target, batch, batch_chunk),
+                   solver=solver, num_steps=num_steps,
+                   chunk=_batch_chunk(target, cfg, noise.shape, batch_chunk),
                    target=target)
 
 

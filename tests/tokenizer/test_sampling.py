@@ -11,6 +11,7 @@ import pytest
 
 from dar_jax import solvers, tokenizer as T
 from dar_jax.nn.resize import resize_bicubic
+from dar_jax.parallel import Target
 
 X0 = jnp.array([0.5, 1.0, 2.0, -0.3], jnp.float32)
 
@@ -169,8 +170,8 @@ def test_decode_is_batch_parallel_and_keyed(tok_default):
 
 def test_decode_in_batch_chunks_matches_the_whole_batch(tok_default):
     """batch_chunk=k integrates k images at a time inside the compiled decode (a lax.map over
-    chunks; the CPU default keeps each chunk's activations in cache): the same images as the
-    whole batch at once, for decode and for the streaming run_steps."""
+    chunks): the same images as the whole batch at once, for decode and for the streaming
+    run_steps."""
     c = tok_default
     cfg = c.cfg
     codes = jnp.concatenate([c.io["codes"]] * 3)                   # 6 images
@@ -179,7 +180,18 @@ def test_decode_in_batch_chunks_matches_the_whole_batch(tok_default):
     for chunk in (1, 2, 4):      # 4 is rounded down to 3, a divisor of 6
         got = T.decode(cfg, c.params, codes, noise, batch_chunk=chunk)
         np.testing.assert_allclose(np.asarray(got), whole, atol=1e-5)
-    assert T.sequential._batch_chunk(None, 6, 4) == 3 and T.sequential._batch_chunk(None, 6, 0) == 6
+    shape = noise.shape
+    assert T.sequential._batch_chunk(None, cfg, shape, 4) == 3 and T.sequential._batch_chunk(None, cfg, shape, 0) == 6
+    # the default on one CPU device: as many images (a divisor of the batch) as keep the chunk's
+    # decoder activations within CPU_DECODE_CHUNK_BYTES; the whole batch elsewhere
+    p, dim = cfg.diff_decoder.patch_size, cfg.diff_decoder.dim
+    big = (8, 128 * p, 128 * p, 3)                    # 16384 tokens: over the budget for dim >= 64
+    assert 4 * dim * 16384 >= T.sequential.CPU_DECODE_CHUNK_BYTES
+    assert T.sequential._batch_chunk(None, cfg, big) == 1
+    fits = T.sequential.CPU_DECODE_CHUNK_BYTES // (4 * dim * (shape[1] // p) * (shape[2] // p))
+    assert T.sequential._batch_chunk(None, cfg, shape) == max(
+        r for r in range(1, min(max(fits, 1), 6) + 1) if 6 % r == 0)
+    assert T.sequential._batch_chunk(Target("gpu"), cfg, big) == 8
     kv = T.cross_kv(cfg, c.params, T.codes_to_cond(cfg, c.params, codes))
     state = T.init_state(cfg, noise)
     (s0, p0), (s2, p2) = (T.run_steps(cfg, c.params, kv, state, 0, 2, batch_chunk=k) for k in (0, 2))
