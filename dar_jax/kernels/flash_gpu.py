@@ -261,6 +261,13 @@ def _load_vec(ref, start, size: int, length: int):
     return plgpu.load(ref.at[pl.ds(start, size)], mask=ok, other=0.0)
 
 
+def _query_rows(st, q_ref, do_ref, lse_ref, delta_ref, row0, bq: int):
+    """q, dO (bq, D) and lse, delta (bq,) of the query rows [row0, row0 + bq) (both backward
+    kernels read them alike)."""
+    return (_load_rows(q_ref, row0, bq, st.lq), _load_rows(do_ref, row0, bq, st.lq),
+            _load_vec(lse_ref, row0, bq, st.lq), _load_vec(delta_ref, row0, bq, st.lq))
+
+
 def _store_vec(ref, start, value, length: int):
     size = value.shape[0]
     if length % size == 0:
@@ -373,10 +380,7 @@ def _dkv_kernel(*refs, st: _StaticOptions, bq: int, bk: int):
         dk, dv = carry
         row0 = i * bq
         rows = row0 + jnp.arange(bq)
-        q = _load_rows(q_ref, row0, bq, st.lq)
-        do = _load_rows(do_ref, row0, bq, st.lq)
-        lse = _load_vec(lse_ref, row0, bq, st.lq)
-        delta = _load_vec(delta_ref, row0, bq, st.lq)
+        q, do, lse, delta = _query_rows(st, q_ref, do_ref, lse_ref, delta_ref, row0, bq)
         p, ds = _block_grads(st, q, k, v, do, lse, delta, rows, cols, off, bk, masked)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
@@ -398,10 +402,7 @@ def _dq_kernel(*refs, st: _StaticOptions, bq: int, bk: int):
     row0 = pl.program_id(0) * bq
     rows = row0 + jnp.arange(bq)
     off = _row_offset(st, kvl_ref)
-    q = _load_rows(q_ref, row0, bq, st.lq)
-    do = _load_rows(do_ref, row0, bq, st.lq)
-    lse = _load_vec(lse_ref, row0, bq, st.lq)
-    delta = _load_vec(delta_ref, row0, bq, st.lq)
+    q, do, lse, delta = _query_rows(st, q_ref, do_ref, lse_ref, delta_ref, row0, bq)
 
     def body(j, dq, masked: bool):
         col0 = j * bk

@@ -11,6 +11,7 @@ gradients 2e-2 (p and ds are rounded to bfloat16 before the second dots, as in X
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -182,6 +183,30 @@ def test_entry_point_pallas_on_cpu(mask, qs, ks, extra):
                                               **extra))(q, k, v)
     ref = A.attention(q, k, v, mask=mask, implementation="xla", **extra)
     assert _rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("mask", ["none", "prefix_causal"])
+def test_cpu_per_head_attention_gradient_keeps_no_stacked_scores(mask):
+    """The CPU path (one (batch, kv head) at a time) gives the batched path's outputs and
+    gradients, and its gradient program keeps no (B * H, Lq, Lk) stack of scores: each head is
+    recomputed in the backward pass, so the temporaries stay below one such tensor."""
+    from dar_jax.kernels import xla as X
+    b, l, h, hkv, d = 2, 512, 4, 2, 32
+    q, k, v, ct = _inputs(b, l, l, h, hkv, d, jnp.float32, seed=3)
+    assert h // hkv * l * l >= X.CPU_PER_HEAD_MIN_SCORES           # the per-head path serves it
+
+    def loss(platform):
+        return lambda q, k, v: jnp.sum(X.xla_attention(q, k, v, mask=mask, prefix_len=40,
+                                                       platform=platform) * ct)
+
+    per_head = jax.jit(jax.grad(loss("cpu"), argnums=(0, 1, 2))).lower(q, k, v).compile()
+    batched = jax.jit(jax.grad(loss("tpu"), argnums=(0, 1, 2)))   # plain batched products
+    out = functools.partial(X.xla_attention, q, k, v, mask=mask, prefix_len=40)
+    assert _rel(out(platform="cpu"), out(platform="tpu")) < 1e-5
+    for a, r in zip(per_head(q, k, v), batched(q, k, v)):
+        assert _rel(a, r) < 1e-5
+    stacked_scores = b * h * l * l * 4
+    assert per_head.memory_analysis().temp_size_in_bytes < stacked_scores
 
 
 def test_auto_is_xla_on_cpu_and_lists_kernels():
