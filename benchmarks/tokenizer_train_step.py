@@ -10,7 +10,7 @@ against the first policy's (remat must not change the numerics).
 Each (policy, batch) runs in its own process, so its peak RSS is its own. The step is the
 trainer's (flow matching + VQ losses; with --perceptual also LPIPS and REPA with random-weight
 VGG16 / DINOv2-B/14 networks of the real sizes) with AdamW and EMA, its state donated,
-built by the trainer (Trainer.lower_train_step, with its compiler options) on one device. FLOPs are
+built by the trainer (Trainer.compile_train_step, with its compiler options) on one device. FLOPs are
 the analytic count of the tokenizer itself (encoder, decoder layers, one velocity evaluation),
 forward + backward. Policies: dar_jax.nn.remat ("none", "full", "dots", or names; "config" is
 configs/tokenizer_v1.py's).
@@ -61,7 +61,7 @@ def measure(remat: str, batch: int, dtype: str, perceptual: bool, steps: int) ->
     state, consts = trainer.fresh_state(0), task.consts()
     images = np.random.default_rng(0).uniform(-1, 1, (batch, 256, 256, 3)).astype(np.float32)
     batch_in = parallel.global_batch({"image": images}, trainer.mesh, trainer.rules)
-    compiled = trainer.lower_train_step(task.abstract_batch(batch), consts, state).compile()
+    compiled = trainer.compile_train_step(task.abstract_batch(batch), consts, state)
     mem = compiled.memory_analysis()
     holder, losses = {"state": state}, []
 

@@ -57,6 +57,25 @@ class _UnusableCheckpoint(Exception):
         self.step = step
 
 
+def release_freed_host_memory() -> None:
+    """Hands the host heap's free pages back to the OS (glibc's ``malloc_trim``; nothing where
+    the C library has none). Initialising, restoring and compiling a large train step free
+    gigabytes of small buffers that would otherwise stay in the process and add to the step's
+    own peak: 0.9 GiB of tokenizer v1's 10.3 GiB at batch 2 on CPU (#18 item 4)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def _non_finite(metrics) -> tuple[dict, list[str]]:
     """({loss, grad_norm} as floats, the names of those that are not finite) of a step."""
     values = {k: float(np.asarray(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
@@ -235,10 +254,15 @@ class Trainer:
             sh["ema"] = p_sh
         return sh
 
-    def fresh_state(self, seed: int = 0):
-        """The train state of step 0 from ``seed``, laid out with the state's shardings."""
-        return jax.jit(self._init_state, out_shardings=self._state_shardings(
-            jax.eval_shape(self._init_state, jax.random.key(seed))))(jax.random.key(seed))
+    def fresh_state(self, seed: int = 0, shardings=None):
+        """The train state of step 0 from ``seed``, laid out with the state's shardings (those
+        of :meth:`abstract_state` unless given)."""
+        if shardings is None:
+            shardings = self.abstract_state(seed)[1]
+        state = jax.block_until_ready(
+            jax.jit(self._init_state, out_shardings=shardings)(jax.random.key(seed)))
+        release_freed_host_memory()
+        return state
 
     def abstract_state(self, seed: int = 0):
         """(abstract state with shardings, state shardings): the step's first argument."""
@@ -268,6 +292,13 @@ class Trainer:
                        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,),
                        compiler_options=remat.compiler_options(self.task.remat_policy, self.target.platform)
                        ).lower(state, batch, consts)
+
+    def compile_train_step(self, abstract_batch, consts, state=None) -> jax.stages.Compiled:
+        """:meth:`lower_train_step` compiled (what ``run`` executes), the compiler's freed host
+        memory handed back before the first step."""
+        compiled = self.lower_train_step(abstract_batch, consts, state).compile()
+        release_freed_host_memory()
+        return compiled
 
     # --- signals -----------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -333,11 +364,12 @@ class Trainer:
         """(start step, train state, abstract state): the latest checkpoint (the data iterator
         set to its state) or a fresh state from ``train.seed``."""
         seed = self.sections.train.seed
-        abstract, _ = self.abstract_state(seed)
+        abstract, state_sh = self.abstract_state(seed)
         restored = ckpts.restore(abstract, data_template=data.get_state())
         if restored is None:
-            return 0, self.fresh_state(seed), abstract
+            return 0, self.fresh_state(seed, state_sh), abstract
         start, state, saved_data, _ = restored
+        release_freed_host_memory()
         if saved_data:
             data.set_state(saved_data)
         log.info("resumed from step %d", start)
@@ -350,7 +382,7 @@ class Trainer:
             first_batch)
         self.hooks("compile", start)
         t0 = time.perf_counter()
-        compiled = self.lower_train_step(abstract_batch, consts, abstract).compile()
+        compiled = self.compile_train_step(abstract_batch, consts, abstract)
         log.info("train step compiled in %.1f s", time.perf_counter() - t0)
         return compiled
 
