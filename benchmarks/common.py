@@ -116,6 +116,21 @@ def peak_host_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def resident_memory_gib() -> dict:
+    """The process's resident memory now by kind (Linux: /proc/self/status): anonymous (heap,
+    XLA buffers) and file-backed (mapped code, e.g. the pages of jaxlib the compiler touched)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon", "RssFile")):
+                    key, value = line.split(":")
+                    out[key.lower().replace("rss", "rss_") + "_gib"] = int(value.split()[0]) / 2**20
+    except OSError:
+        pass
+    return out
+
+
 def machine() -> str:
     dev = jax.devices()[0]
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -79,7 +79,8 @@ def measure(remat: str, batch: int, dtype: str, perceptual: bool, steps: int) ->
                 xla_temp_gib=gib(mem.temp_size_in_bytes), xla_args_gib=gib(mem.argument_size_in_bytes),
                 xla_total_gib=gib(mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                   + mem.output_size_in_bytes - mem.alias_size_in_bytes),
-                peak_rss_gib=common.peak_host_memory_gib(), losses=[float(l) for l in losses])
+                peak_rss_gib=common.peak_host_memory_gib(), **common.resident_memory_gib(),
+                losses=[float(l) for l in losses])
 
 
 def main():
@@ -121,7 +122,8 @@ def main():
     print()
     common.print_table(rows, ["remat", "batch", "dtype", "perceptual", "seconds_per_step", "images_per_s",
                               "gflops_per_s", "fraction_of_matmul_peak", "mfu", "xla_temp_gib", "xla_args_gib",
-                              "xla_total_gib", "peak_rss_gib", "loss_max_rel_diff"])
+                              "xla_total_gib", "peak_rss_gib", "rss_anon_gib", "rss_file_gib",
+                              "loss_max_rel_diff"])
 
 
 if __name__ == "__main__":
