@@ -10,14 +10,16 @@ Nothing is materialised and no weight file is read: the programs are built from 
 shapes (``jax.eval_shape``) on the devices of the named topology
 (``jax.experimental.topologies``) and compiled by the real TPU compiler (libtpu, the ``tpu``
 extra: ``pip install -e '.[tpu]'``). The train program is the one ``train.py`` runs (the
-trainer's own ``lower_train_step``: mesh and shardings from the config, state donated); the
+trainer's own ``lower_train_step``: mesh and shardings from the config, state donated, the
+trainer's XLA options); the
 AR task's frozen tokenizer comes from ``--tokenizer-config`` (default: the run config's
 tokenizer checkpoint's config.json if it exists, else ``configs/tokenizer_v1.py`` of the working directory) and the
 tokenizer task's LPIPS / DINOv2 get abstract weights.
 
 The report (a table, and JSON with ``--json``) holds the compiler's memory and cost analyses,
 the attention kernel of every attention site read from the optimized HLO, the collective
-bytes, and a roofline estimate of the step time (``est_*``: max(FLOPs / peak, HBM bytes /
+bytes, the collective-matmul loops (``windowed_einsum_loops``), the instructions that move the
+most HBM bytes (``hbm_top``), and a roofline estimate of the step time (``est_*``: max(FLOPs / peak, HBM bytes /
 bandwidth) + collective bytes / ICI bandwidth, with the constants of ``dar_jax.hardware``).
 These are compiler analyses plus a roofline, not measurements. A program that does not fit is
 a result (``fits: false`` with the compiler's message, exit 0); an unknown topology or a
@@ -396,12 +398,14 @@ def _hbm_bytes(op: str, shape: str, rest: str, line: str, table: dict, comps: di
     return read + max(written, 0.0)
 
 
-def hlo_costs(hlo: str, num_devices: int) -> dict:
+def hlo_costs(hlo: str, num_devices: int, top: int = 0) -> dict:
     """Per-device costs of a compiled program counted through its while loops (XLA's
     cost_analysis counts a loop body once; the SPMD partitioner turns FSDP matmuls into
     ring loops): FLOPs of dots and convolutions, estimated FLOPs of the Mosaic attention
     kernels, HBM bytes (operands + results of every unfused instruction), collective bytes by
-    kind, and the loops whose trip count could not be read (counted once)."""
+    kind, the loops whose trip count could not be read (counted once), and the ``top``
+    instructions that move the most HBM bytes (``top_hbm``: (bytes, computation, name, op,
+    shape), most first)."""
     comps = _parse_module(hlo)
     entry = next(n for n, (is_entry, _) in comps.items() if is_entry)
     # call graph: (caller, callee, times per call, fused), times from while trip counts
@@ -446,6 +450,7 @@ def hlo_costs(hlo: str, num_devices: int) -> dict:
     flops = kernel = hbm = 0.0
     coll = {k: 0.0 for k in COLLECTIVES}
     unknown_kernels = set()
+    movers = []   # (bytes per step, computation, instruction, op, shape)
     for name, (_, instrs) in comps.items():
         m = mult.get(name, 0.0)
         if not m:
@@ -468,9 +473,18 @@ def hlo_costs(hlo: str, num_devices: int) -> dict:
             if c:
                 coll[c[0]] += m * c[1]
             if op not in _FREE and not op.endswith("-done"):
-                hbm += m * _hbm_bytes(op, shape, rest, line, table, comps)
+                moved = m * _hbm_bytes(op, shape, rest, line, table, comps)
+                hbm += moved
+                movers.append((moved, name, iname, op, shape))
+    movers.sort(key=lambda x: -x[0])
     return {"flops": flops, "kernel_flops": kernel, "hbm_bytes": hbm, "collectives": coll,
+            "top_hbm": movers[:top],
             "unknown_trip_counts": unknown, "unknown_kernels": sorted(unknown_kernels)}
+
+
+def windowed_einsum_loops(hlo: str) -> int:
+    """How many collective matmuls (XLA's windowed-einsum while loops) a compiled program runs."""
+    return len(re.findall(r"\bwhile\(.*body=%?[\w.\-]*windowed_dot_general_body", hlo))
 
 
 def attention_kernels(hlo: str) -> dict[str, str]:
@@ -522,6 +536,7 @@ class Program:
     model_flops: float                       # analytic, per step, all devices
     fsdp_min_bytes: float | None = None      # per device: params gathered twice, grads scattered
     remat: str | None = None                 # the model's remat policy (train programs)
+    compiler_options: dict | None = None     # the XLA options it is compiled with (as train.py)
     notes: list = dataclasses.field(default_factory=list)
 
 
@@ -584,7 +599,8 @@ def train_program(cfg, devices, tokenizer_config: str | None = None) -> Program:
     state, state_sh = trainer.abstract_state()
     lowered = trainer.lower_train_step(task.abstract_batch(gb), consts, state)
     return Program("train", lowered, gb, task.flops_per_example() * gb,
-                   fsdp_min_bytes=_fsdp_min_bytes(state["params"]), remat=task.remat_policy, notes=notes)
+                   fsdp_min_bytes=_fsdp_min_bytes(state["params"]), remat=task.remat_policy,
+                   compiler_options=trainer.compiler_options(), notes=notes)
 
 
 def _fsdp_min_bytes(params) -> float:
@@ -693,6 +709,8 @@ def analyse(program: Program, topology: Topology, devices, *, save: str | None =
         "model_flops_per_chip": program.model_flops / topology.num_chips, "notes": program.notes}
     if program.remat is not None:
         report["remat"] = program.remat
+    if program.compiler_options:
+        report["compiler_options"] = program.compiler_options
     t0 = time.perf_counter()
     try:
         compiled = program.lowered.compile()
@@ -723,7 +741,7 @@ def analyse(program: Program, topology: Topology, devices, *, save: str | None =
     report["attention_kernels"] = kernels
     report["attention_sites_on_xla"] = sum(1 for k in kernels.values() if k == "xla")
     # costs through the loops of the optimized HLO (cost_analysis counts a loop body once)
-    costs = hlo_costs(hlo, n_dev)
+    costs = hlo_costs(hlo, n_dev, top=5)
     ca = _cost(compiled)
     report["cost_analysis_flops_per_chip"] = float(ca.get("flops", 0.0)) * per_chip
     report["cost_analysis_bytes_per_chip"] = float(ca.get("bytes accessed", 0.0)) * per_chip
@@ -735,6 +753,9 @@ def analyse(program: Program, topology: Topology, devices, *, save: str | None =
     report["remat_overhead"] = (round(flops * n_dev / program.model_flops, 4)
                                 if program.model_flops else None)
     report["hbm_bytes_per_step"] = hbm * per_chip
+    report["hbm_top"] = {f"{name} ({op})": round(b * per_chip / 1e9, 3)
+                         for b, _, name, op, _ in costs["top_hbm"]}   # GB per step
+    report["windowed_einsum_loops"] = windowed_einsum_loops(hlo)
     report["collectives"] = {k: v * per_chip for k, v in coll.items()}
     if costs["unknown_trip_counts"]:
         report["loops_counted_once"] = costs["unknown_trip_counts"]

@@ -26,6 +26,15 @@ from dar_jax.parallel.sharding import DEFAULT_RULES, normalize_rules, spec_for
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 
+# TPU, sharded without tensor parallelism: no collective-matmul ("windowed einsum") rewrite of the
+# FSDP matmuls. With weights sharded on their contracting (embed) dimension, XLA's rewrite
+# computes N partial products of 1/N of that dimension and adds each into the whole output in
+# HBM: N times the output's HBM traffic and matmuls with a contracting dimension of D/N. GPT-XL on
+# v5p-32 (16 chips, 64 per chip): 1.38 TB -> see BENCHMARKS.md "Pod scale". Gathering the weight
+# (what FSDP means) is cheap next to the matmul and overlaps with the previous layer.
+_FSDP_TPU_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                     "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
 
 def device_platform(device) -> str:
     """"cpu" | "gpu" | "tpu" of a device (CUDA and ROCm devices are "gpu")."""
@@ -65,6 +74,14 @@ class Target:
             return x
         return jax.lax.with_sharding_constraint(
             x, NamedSharding(self.mesh, self.spec(logical, x.shape)))
+
+    def compiler_options(self) -> dict:
+        """XLA options of a sharded program built for this target (jax.jit's
+        ``compiler_options``): on TPU without a tensor axis, no windowed-einsum rewrite of the
+        FSDP matmuls (see ``_FSDP_TPU_OPTIONS``); nothing otherwise."""
+        if self.platform != "tpu" or not self.sharded or self.mesh.shape.get("tensor", 1) > 1:
+            return {}
+        return dict(_FSDP_TPU_OPTIONS)
 
     def local(self) -> "Target":
         """The same platform without a mesh (the code inside a ``shard_map``)."""

@@ -80,14 +80,13 @@ class LPIPS(nnx.Module):
         return taps
 
     def __call__(self, x0, x1, dtype=jnp.float32):
-        b = x0.shape[0]
-        # one VGG pass over both, interleaved (x0[i], x1[i] adjacent): a batch sharded over
-        # devices stays where it is (halves of a concatenation would have to move)
-        both = jnp.stack([x0, x1], axis=1).reshape((2 * b,) + x0.shape[1:]).astype(dtype)
-        total = jnp.zeros((b,), jnp.float32)
-        for tap, head in zip(self.features(both), self.heads):
-            f = _unit_channels(tap.astype(jnp.float32)).reshape((b, 2) + tap.shape[1:])
-            diff = (f[:, 0] - f[:, 1]) ** 2
+        # one VGG pass per image set: in a loss against real images (x0 constant) the backward
+        # pass then runs over x1 alone, where a pass over both stacked would compute and discard
+        # x0's half of the cotangents; a batch sharded over devices stays where it is
+        total = jnp.zeros((x0.shape[0],), jnp.float32)
+        taps = zip(self.features(x0.astype(dtype)), self.features(x1.astype(dtype)), self.heads)
+        for t0, t1, head in taps:
+            diff = (_unit_channels(t0.astype(jnp.float32)) - _unit_channels(t1.astype(jnp.float32))) ** 2
             total = total + jnp.mean(diff @ head[...], axis=(1, 2))
         return total
 

@@ -290,8 +290,13 @@ class Trainer:
             self.task.train_step, tx=self.tx, ema_decay=self.ema_decay, target=self.target))
         return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, consts_sh),
                        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,),
-                       compiler_options=remat.compiler_options(self.task.remat_policy, self.target.platform)
-                       ).lower(state, batch, consts)
+                       compiler_options=self.compiler_options()).lower(state, batch, consts)
+
+    def compiler_options(self) -> dict | None:
+        """XLA options of the train step: the remat policy's and the target's."""
+        options = {**(remat.compiler_options(self.task.remat_policy, self.target.platform) or {}),
+                   **self.target.compiler_options()}
+        return options or None
 
     def compile_train_step(self, abstract_batch, consts, state=None) -> jax.stages.Compiled:
         """:meth:`lower_train_step` compiled (what ``run`` executes), the compiler's freed host

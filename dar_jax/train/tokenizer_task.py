@@ -91,6 +91,11 @@ class TokenizerTask(Task):
         self.loss_cfg = from_mapping(LossConfig, as_plain(cfg.loss), where="loss")
         self.gan_cfg = from_mapping(GanConfig, as_plain(cfg.gan), where="gan")
         p = cfg.perceptual
+        dc = self.model_cfg.diff_decoder
+        if self.model_cfg.repa_projector and not 0 <= dc.repa_layer < dc.depth:
+            raise ConfigError(f"model.diff_decoder.repa_layer {dc.repa_layer} must name one of the "
+                              f"{dc.depth} diffusion blocks (0..{dc.depth - 1}): REPA aligns "
+                              "that block's features")
         self.lpips = self.dino = None
         if abstract_perceptual:
             from dar_jax.perceptual import dinov2, lpips

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -69,6 +70,27 @@ def test_collective_bytes_and_attention_sites_from_hlo():
     assert aot._gib_from(aot._HBM_REQUIRED, msg) == pytest.approx(785.88)
 
 
+def test_fsdp_train_programs_on_tpu_are_compiled_without_windowed_einsum():
+    """A TPU program sharded without a tensor axis turns off XLA's collective-matmul rewrite of
+    the FSDP matmuls (partial products over slices of the contracting dimension, each added into
+    the whole output in HBM); other targets keep the compiler's defaults."""
+    import jax
+    from jax.sharding import Mesh
+    from dar_jax.parallel.target import Target
+    devs = np.array(jax.devices()[:1] * 4).reshape(1, 2, 2)
+    fsdp = Mesh(devs.reshape(1, 4, 1), ("data", "fsdp", "tensor"))
+    tp = Mesh(devs.reshape(1, 2, 2), ("data", "fsdp", "tensor"))
+    off = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+           "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+    assert Target("tpu", fsdp).compiler_options() == off
+    assert Target("tpu", tp).compiler_options() == {}      # tensor parallel: XLA decides
+    assert Target("tpu").compiler_options() == {} and Target("gpu", fsdp).compiler_options() == {}
+    assert Target("cpu", fsdp).compiler_options() == {}
+    loop = ("  %while.3 = (bf16[2]) while(%t), condition=%wide.windowed_dot_general_cond_ag.1, "
+            "body=%wide.windowed_dot_general_body_ag.1.sunk\n")
+    assert aot.windowed_einsum_loops(HLO) == 0 and aot.windowed_einsum_loops(loop * 3) == 3
+
+
 def test_cli_errors_name_the_fix(monkeypatch, capsys):
     assert aot.main(["--topology", "v9-8", "--config", "configs/tiny_ar.py"]) == 2
     assert "unknown TPU generation" in capsys.readouterr().err
@@ -115,6 +137,8 @@ def test_tiny_tokenizer_train_step_for_v5e_8(tmp_path):
     assert set(r["attention_kernels"]) == {"encoder.prefix_causal", "decoder_layers.causal",
                                            "decoder.self", "decoder.cross"}
     assert r["collectives"]["all-gather"] > 0 and r["collective_ratio"] > 0   # FSDP
+    assert r["compiler_options"]["xla_tpu_enable_windowed_einsum_for_all_gather"] is False
+    assert r["windowed_einsum_loops"] == 0 and len(r["hbm_top"]) == 5
 
 
 @needs_libtpu

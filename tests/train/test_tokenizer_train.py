@@ -125,7 +125,8 @@ def test_missing_or_mismatched_weight_files_fail_before_training(tmp_path):
     from dar_jax.config import ConfigError, load_config
     from dar_jax.train.tokenizer_task import TokenizerTask
     cfg = load_config(str(REPO / "configs" / "tiny_tokenizer.py"),
-                      [f"perceptual.dinov2={tmp_path / 'nope.pth'}", "model.repa_projector=True"])
+                      [f"perceptual.dinov2={tmp_path / 'nope.pth'}", "model.repa_projector=True",
+                       "model.diff_decoder.repa_layer=1"])
     with pytest.raises(CheckpointError, match="not found"):
         TokenizerTask(cfg)
     perceptual = PERCEPTUAL_DIR
@@ -137,4 +138,9 @@ def test_missing_or_mismatched_weight_files_fail_before_training(tmp_path):
             TokenizerTask(cfg)
     cfg = load_config(str(REPO / "configs" / "tiny_tokenizer.py"), [f"perceptual.lpips_vgg={tmp_path / 'x'}"])
     with pytest.raises(ConfigError, match="needs both"):
+        TokenizerTask(cfg)
+    # REPA at a block the diffusion decoder does not have: refused before any tracing
+    cfg = load_config(str(REPO / "configs" / "tiny_tokenizer.py"),
+                      ["model.repa_projector=True", "model.diff_decoder.repa_layer=2"])
+    with pytest.raises(ConfigError, match="repa_layer 2 must name one of the 2"):
         TokenizerTask(cfg)
