@@ -19,8 +19,9 @@ tokenizer task's LPIPS / DINOv2 get abstract weights.
 The report (a table, and JSON with ``--json``) holds the compiler's memory and cost analyses,
 the attention kernel of every attention site read from the optimized HLO, the collective
 bytes, the collective-matmul loops (``windowed_einsum_loops``), the instructions that move the
-most HBM bytes (``hbm_top``), and a roofline estimate of the step time (``est_*``: max(FLOPs / peak, HBM bytes /
-bandwidth) + collective bytes / ICI bandwidth, with the constants of ``dar_jax.hardware``).
+most HBM bytes (``hbm_top``), and a roofline estimate of the step time (``est_*``:
+max(FLOPs / peak, HBM bytes / bandwidth) + collective bytes / ICI bandwidth, with the
+constants of ``dar_jax.hardware``).
 These are compiler analyses plus a roofline, not measurements. A program that does not fit is
 a result (``fits: false`` with the compiler's message, exit 0); an unknown topology or a
 missing libtpu is an error naming the fix (exit 2).
