@@ -31,7 +31,7 @@ import common  # noqa: E402
 from dar_jax import parallel  # noqa: E402
 from dar_jax.config import load_config  # noqa: E402
 from dar_jax.perceptual import dinov2, lpips  # noqa: E402
-from dar_jax.train.loop import Trainer  # noqa: E402
+from dar_jax.train.loop import Trainer, limit_host_malloc_arenas  # noqa: E402
 from dar_jax.train.metrics import mfu  # noqa: E402
 from dar_jax.train.tokenizer_task import TokenizerTask  # noqa: E402
 
@@ -50,6 +50,7 @@ class BenchTask(TokenizerTask):
 def measure(remat: str, batch: int, dtype: str, perceptual: bool, steps: int) -> dict:
     """One policy at one batch size, in this process: the trainer's compiled step on the first
     device, its timings, XLA's buffer assignment and the losses of ``steps`` steps."""
+    limit_host_malloc_arenas()   # as train.py does, before the first device
     overrides = [f"model.dtype={dtype}", "perceptual.dinov2=", f"train.global_batch_size={batch}"]
     if remat != "config":
         overrides.append(f"model.remat={remat}")

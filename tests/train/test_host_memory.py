@@ -35,3 +35,44 @@ def test_freed_heap_pages_are_released():
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = map(float, out.stdout.split()[-2:])
     assert before - after > 200, (before, after)          # most of the freed 256 MiB went back
+
+
+ARENAS = textwrap.dedent("""
+    import ctypes, sys, threading
+    from dar_jax.train.loop import limit_host_malloc_arenas
+
+    capped = limit_host_malloc_arenas() if sys.argv[1] == "cap" else False
+    barrier = threading.Barrier(8)
+    def work():
+        keep = [bytearray(64 << 10) for _ in range(64)]    # heap allocations from this thread
+        barrier.wait()                                     # all 8 alive at once: none reuses
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("capped", capped, flush=True)
+    ctypes.CDLL(None).malloc_stats()                       # one "Arena i:" block per arena, on stderr
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and malloc_stats")
+@pytest.mark.parametrize("mode,env,arenas", [("cap", {}, 2), ("none", {}, None),
+                                             ("cap", {"MALLOC_ARENA_MAX": "3"}, None)])
+def test_training_processes_cap_malloc_arenas(mode, env, arenas):
+    """The trainer caps glibc's arenas (``limit_host_malloc_arenas``, called by run_from_config
+    before any device exists), so that threads' freed blocks are not stranded in heaps of their
+    own; without the cap each new thread gets an arena; a user's MALLOC_ARENA_MAX wins."""
+    from dar_jax.train.loop import HOST_MALLOC_ARENAS
+    assert arenas in (None, HOST_MALLOC_ARENAS)
+    out = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True,
+                         timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "", **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    count = out.stderr.count("Arena ")
+    assert out.stdout.split() == ["capped", str(arenas is not None)]
+    if arenas is not None:
+        assert count == arenas, out.stderr
+    elif env:
+        assert count == 3, out.stderr            # 9 threads that allocate: as many as allowed
+    else:
+        assert count > 3, out.stderr
