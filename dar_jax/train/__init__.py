@@ -25,7 +25,7 @@ def run_from_config(cfg, workdir: str, hooks=None) -> dict:
     from dar_jax.train.loop import Trainer, check_run_config, check_workdir, limit_host_malloc_arenas
     check_workdir(workdir)        # before anything is initialised, loaded or written
     check_run_config(cfg)         # the typed train / optim / checkpoint / logging sections
-    limit_host_malloc_arenas()    # before the first device: one heap for XLA's threads
+    limit_host_malloc_arenas()    # before the first device: XLA's threads share few heaps
     d = cfg.distributed
     parallel.initialize(d.coordinator_address or None, d.num_processes or None,
                         d.process_id if d.process_id >= 0 else None,
